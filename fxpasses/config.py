@@ -1,0 +1,50 @@
+"""Typed, frozen configuration for the rewrite passes."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+_PATTERNS = ("groupnorm", "attention", "geglu", "gelu")
+
+
+@dataclass(frozen=True)
+class RewriteConfig:
+    """Which patterns the passes look for and which they rewrite.
+
+    Args:
+        patterns: pattern families to rewrite, any of ``("groupnorm", "attention", "geglu", "gelu")``.
+            Families left out are still *found* and reported, never rewritten.
+        fuse_silu: fold a SiLU that follows a GroupNorm into the fused kernel.
+        fuse_film: fold the scale-shift (FiLM) ``x * (1 + scale) + shift`` into the kernel.
+        absorb_upcast: read a GroupNorm32-style ``x.float()`` input directly (the kernel keeps
+            fp32 statistics and writes the original dtype).
+        geglu_fuse_linear: rewrite ``linear -> chunk -> x*gelu(g)`` into one ``linear_geglu``
+            matmul (the 2F projection is never written); off by default because cuBLAS + the
+            standalone GEGLU kernel is usually faster for small token counts.
+        dtypes: input dtypes a site may have to be rewritten.
+        exclude: module-path prefixes never rewritten (e.g. ``("conv_in", "time_embedding")``).
+    """
+
+    patterns: tuple[str, ...] = _PATTERNS
+    fuse_silu: bool = True
+    fuse_film: bool = True
+    absorb_upcast: bool = True
+    geglu_fuse_linear: bool = False
+    dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
+    exclude: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        bad = [p for p in self.patterns if p not in _PATTERNS]
+        if bad:
+            raise ValueError(f"RewriteConfig.patterns: unknown {bad}; allowed values are {list(_PATTERNS)}")
+        okd = ("float32", "float16", "bfloat16")
+        badd = [d for d in self.dtypes if d not in okd]
+        if badd:
+            raise ValueError(f"RewriteConfig.dtypes: unknown {badd}; allowed values are {list(okd)}")
+        if not isinstance(self.exclude, tuple):
+            raise TypeError("RewriteConfig.exclude must be a tuple of module-path prefixes")
+
+    def allows_dtype(self, dtype) -> bool:
+        return str(dtype).replace("torch.", "") in self.dtypes
+
+    def excluded(self, module_path: str) -> bool:
+        return any(module_path == p or module_path.startswith(p + ".") for p in self.exclude)

@@ -1,0 +1,78 @@
+"""The pass driver: canonicalize -> find sites -> rewrite matched ones -> clean up.
+
+``run_passes(gm, cfg)`` is what the backend, the model transform and the CLI call.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+
+from fxpasses.canonicalize import CanonStats, canonicalize
+from fxpasses.config import RewriteConfig
+from fxpasses.patterns import attention, gelu, groupnorm
+from fxpasses.sites import Site
+
+log = logging.getLogger("fusediff.fxpasses")
+
+FAMILIES = {"groupnorm": groupnorm, "attention": attention, "gelu": gelu}
+
+
+@dataclass
+class PassResult:
+    """What the passes found and did to one graph."""
+
+    sites: list[Site] = field(default_factory=list)
+    canon: CanonStats | None = None
+
+    def counts(self, *, matched_only: bool = False) -> dict[str, int]:
+        c: collections.Counter[str] = collections.Counter()
+        for s in self.sites:
+            if matched_only and not s.matched:
+                continue
+            c[s.pattern] += 1
+        return dict(c)
+
+    @property
+    def rewritten(self) -> dict[str, int]:
+        return dict(collections.Counter(s.pattern for s in self.sites if s.rewritten))
+
+
+def find_sites(gm: fx.GraphModule, cfg: RewriteConfig | None = None) -> list[Site]:
+    """Find every candidate site in an already canonicalized graph (no changes made)."""
+    cfg = cfg or RewriteConfig()
+    sites: list[Site] = []
+    for mod in FAMILIES.values():
+        sites.extend(mod.find(gm, cfg))
+    order = {n.name: i for i, n in enumerate(gm.graph.nodes)}
+    sites.sort(key=lambda s: order.get(s.anchor, 0))
+    return sites
+
+
+def _owner(site: Site):
+    return FAMILIES["gelu" if site.pattern in ("gelu", "geglu") else site.family]
+
+
+def run_passes(gm: fx.GraphModule, cfg: RewriteConfig | None = None, *, rewrite: bool = True) -> PassResult:
+    """Canonicalize ``gm`` in place, find sites, rewrite the matched ones (if ``rewrite``).
+
+    Returns the :class:`PassResult` (every site, matched or not, with its reason).
+    """
+    cfg = cfg or RewriteConfig()
+    res = PassResult(canon=canonicalize(gm))
+    res.sites = find_sites(gm, cfg)
+    if rewrite:
+        for s in res.sites:
+            if s.matched:
+                _owner(s).rewrite(gm, s)
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    for s in res.sites:
+        s.attrs.pop("_plan", None)
+        if not s.matched:
+            log.info("site %s at %s not rewritten: %s", s.pattern, s.module_path or s.anchor, s.reason)
+    log.info("fusediff passes: found %s, rewritten %s", res.counts(), res.rewritten)
+    return res

@@ -1,0 +1,66 @@
+"""Shared helpers for the kernel families: dispatch policy and the proof-of-path counters.
+
+Dispatch (see docs/architecture.md): CUDA tensors run the Triton kernel; CPU tensors run the
+Triton kernel *interpreted* when ``TRITON_INTERPRET=1`` was set before triton was imported, and
+the pure-torch reference otherwise. Every launch records which path ran in ``DISPATCH_COUNTS`` so
+tests can prove the Triton path (not the reference) produced their numbers.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Literal
+
+import torch
+
+try:  # triton is optional at import time (macOS, Windows); the reference path still works.
+    import triton  # noqa: F401
+    import triton.language as tl  # noqa: F401
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing
+    HAS_TRITON = False
+
+Path = Literal["triton", "reference"]
+
+#: ``DISPATCH_COUNTS[(op_name, path)]`` counts launches per op and path.
+DISPATCH_COUNTS: collections.Counter[tuple[str, str]] = collections.Counter()
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels on the CPU through its interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def choose_path(*tensors: torch.Tensor) -> Path:
+    """Pick the implementation for tensors on one device: ``"triton"`` or ``"reference"``."""
+    devices = {t.device.type for t in tensors if isinstance(t, torch.Tensor)}
+    if len(devices) > 1:
+        raise ValueError(f"fusediff: tensors on several devices {sorted(devices)}; move them to one device")
+    dev = devices.pop() if devices else "cpu"
+    if not HAS_TRITON:
+        return "reference"
+    if dev == "cuda":
+        return "triton"
+    if dev == "cpu" and interpret_mode():
+        return "triton"
+    return "reference"
+
+
+def record(op: str, path: Path) -> None:
+    """Count one launch of ``op`` on ``path``."""
+    DISPATCH_COUNTS[(op, path)] += 1
+
+
+def reset_counts() -> None:
+    DISPATCH_COUNTS.clear()
+
+
+def check_float(name: str, t: torch.Tensor, allowed=(torch.float32, torch.float16, torch.bfloat16)) -> None:
+    """Raise a clear error when ``t`` has a dtype the kernel does not take."""
+    if t.dtype not in allowed:
+        raise TypeError(f"fusediff: {name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())

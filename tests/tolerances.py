@@ -1,0 +1,79 @@
+"""The one table of float tolerances used by every test.
+
+Two rules, both from STYLE.md:
+* fp32: fixed ``atol``/``rtol`` below (the kernel and the reference compute the same math in fp32;
+  only reduction order differs).
+* fp16/bf16: the kernel's max error against an fp32 reference may be at most ``LOWP_ERR_RATIO`` x
+  the error of eager PyTorch in the same dtype against that same reference (Liger's rule), with a
+  floor ``LOWP_FLOOR`` for ops where eager is (nearly) exact.
+Quantized ops: integer accumulators compare exactly; dequantized outputs by SQNR (``SQNR_DB``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+# dtype -> (atol, rtol) for direct comparisons against a same-dtype reference.
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-4, 1e-4),
+    torch.float16: (2e-3, 2e-3),
+    torch.bfloat16: (1.6e-2, 1.6e-2),
+}
+
+# Looser fp32 table for long reductions (attention over 1k+ keys, Winograd transforms).
+TOL_LONG_REDUCTION: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (2e-4, 2e-4),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 3e-2),
+}
+
+# Winograd F(4x4,3x3) amplifies rounding (transform matrices have entries up to 8 in magnitude).
+TOL_WINOGRAD: dict[torch.dtype, tuple[float, float]] = {
+    torch.float32: (1e-3, 1e-3),
+    torch.float16: (3e-2, 3e-2),
+    torch.bfloat16: (1.5e-1, 1.5e-1),
+}
+
+LOWP_ERR_RATIO = 2.0
+LOWP_FLOOR: dict[torch.dtype, float] = {torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# Minimum SQNR (dB) of dequantized outputs vs the float reference.
+SQNR_DB: dict[str, float] = {"int8": 28.0, "int4": 14.0}
+
+# End-to-end model parity (rewritten graph vs eager, fp32).
+MODEL_TOL: tuple[float, float] = (1e-4, 1e-4)
+# Whole sampling trajectories (errors compound over steps), fp32.
+TRAJECTORY_TOL: tuple[float, float] = (1e-3, 1e-3)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, table=TOL) -> None:
+    """Compare with the (atol, rtol) of ``expected``'s dtype from ``table``."""
+    atol, rtol = table[expected.dtype]
+    torch.testing.assert_close(actual, expected, atol=atol, rtol=rtol, equal_nan=True)
+
+
+def assert_lowp_close(actual: torch.Tensor, ref_fp32: torch.Tensor, eager_lowp: torch.Tensor) -> None:
+    """Liger's rule: |kernel - ref32| <= max(ratio * |eager_lowp - ref32|, floor), both as max-abs."""
+    dtype = actual.dtype
+    if dtype == torch.float32:
+        assert_close(actual, ref_fp32.to(actual.dtype))
+        return
+    ref = ref_fp32.float()
+    finite = torch.isfinite(ref)
+    err_k = (actual.float() - ref)[finite].abs().max().item() if finite.any() else 0.0
+    err_e = (eager_lowp.float() - ref)[finite].abs().max().item() if finite.any() else 0.0
+    scale = max(1.0, ref[finite].abs().max().item() if finite.any() else 1.0)
+    bound = max(LOWP_ERR_RATIO * err_e, LOWP_FLOOR[dtype] * scale)
+    assert err_k <= bound, f"{dtype}: kernel max err {err_k:.3e} > bound {bound:.3e} (eager err {err_e:.3e})"
+    # Non-finite positions must match exactly (NaN/Inf propagate like the reference).
+    assert torch.equal(torch.isnan(actual), torch.isnan(ref_fp32.to(dtype))), "NaN pattern differs"
+
+
+def sqnr_db(signal: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's definition)."""
+    s = signal.float().pow(2).mean().item()
+    n = (signal.float() - approx.float()).pow(2).mean().item()
+    if n == 0.0:
+        return math.inf
+    return 10.0 * math.log10(s / n)
