@@ -1,0 +1,27 @@
+"""fusediff: fuse diffusion U-Net patterns into Triton kernels, on torch.fx.
+
+Three ways in:
+
+* ``torch.compile(unet, backend="fusediff")`` (or ``backend=fusediff.backend(config)``);
+* ``fusediff.optimize(unet, config)``: an eager module with the rewritten graph inside;
+* ``fusediff.inspect(unet, args, kwargs)`` / ``fusediff inspect`` on the CLI: what was found and
+  rewritten, with tables and pictures (``fusediff.visualize``).
+"""
+from __future__ import annotations
+
+import kernels as _kernels  # noqa: F401  (registers the fusediff:: custom ops)
+from fxpasses.api import Inspection
+from fxpasses.api import inspect_model as inspect
+from fxpasses.config import RewriteConfig
+from fxpasses.report import Report, build_report
+from fxpasses.sites import Site
+from fxpasses.visualize import visualize
+from lowering.backend import backend
+from lowering.transform import OptimizeConfig, OptimizedModule, optimize
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Inspection", "OptimizeConfig", "OptimizedModule", "Report", "RewriteConfig", "Site",
+    "backend", "build_report", "inspect", "optimize", "visualize", "__version__",
+]

@@ -55,6 +55,27 @@ def _owner(site: Site):
     return FAMILIES["gelu" if site.pattern in ("gelu", "geglu") else site.family]
 
 
+def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:
+    """Rewrite the matched sites of ``res`` (found on ``gm`` by :func:`find_sites`) and clean up."""
+    for s in res.sites:
+        if s.matched and not s.rewritten:
+            _owner(s).rewrite(gm, s)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return finish(res)
+
+
+def finish(res: PassResult) -> PassResult:
+    """Drop the rewrite plans (graph references) from the sites and log the outcome."""
+    for s in res.sites:
+        s.attrs.pop("_plan", None)
+        if not s.matched:
+            log.info("site %s at %s not rewritten: %s", s.pattern, s.module_path or s.anchor, s.reason)
+    log.info("fusediff passes: found %s, rewritten %s", res.counts(), res.rewritten)
+    return res
+
+
 def run_passes(gm: fx.GraphModule, cfg: RewriteConfig | None = None, *, rewrite: bool = True) -> PassResult:
     """Canonicalize ``gm`` in place, find sites, rewrite the matched ones (if ``rewrite``).
 
@@ -64,15 +85,5 @@ def run_passes(gm: fx.GraphModule, cfg: RewriteConfig | None = None, *, rewrite:
     res = PassResult(canon=canonicalize(gm))
     res.sites = find_sites(gm, cfg)
     if rewrite:
-        for s in res.sites:
-            if s.matched:
-                _owner(s).rewrite(gm, s)
-        gm.graph.eliminate_dead_code()
-        gm.graph.lint()
-        gm.recompile()
-    for s in res.sites:
-        s.attrs.pop("_plan", None)
-        if not s.matched:
-            log.info("site %s at %s not rewritten: %s", s.pattern, s.module_path or s.anchor, s.reason)
-    log.info("fusediff passes: found %s, rewritten %s", res.counts(), res.rewritten)
-    return res
+        return apply_rewrites(gm, res)
+    return finish(res)

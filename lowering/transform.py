@@ -1,0 +1,152 @@
+"""``fusediff.optimize(model, config)``: the model transform (no ``torch.compile`` needed).
+
+The returned :class:`OptimizedModule` runs the rewritten graph eagerly. It shares the original
+model's parameters and buffers (same ``Parameter`` objects, same ``state_dict`` keys), so
+swapping a weight in place (a LoRA merge, ``load_state_dict``) takes effect without
+re-optimizing. A new input signature (batch size, resolution, dtype) is captured and rewritten
+once more, like a recompile.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from fxpasses.capture import capture_export
+from fxpasses.config import RewriteConfig
+from fxpasses.match import PassResult, run_passes
+
+log = logging.getLogger("fusediff.lowering")
+
+
+@dataclass(frozen=True)
+class OptimizeConfig:
+    """Options of :func:`optimize`.
+
+    Args:
+        rewrite: the pattern/rewrite options (:class:`fxpasses.config.RewriteConfig`).
+        on_grad: what to do when called with autograd enabled or in training mode:
+            ``"error"`` (raise) or ``"fallback"`` (run the original model, logged once).
+        max_signatures: how many input signatures (shapes/dtypes) to keep rewritten graphs for.
+    """
+
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    on_grad: str = "fallback"
+    max_signatures: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rewrite, RewriteConfig):
+            raise TypeError("OptimizeConfig.rewrite must be a fxpasses.config.RewriteConfig")
+        if self.on_grad not in ("error", "fallback"):
+            raise ValueError(f"OptimizeConfig.on_grad must be 'error' or 'fallback', got {self.on_grad!r}")
+        if not isinstance(self.max_signatures, int) or self.max_signatures < 1:
+            raise ValueError(f"OptimizeConfig.max_signatures must be an int >= 1, got {self.max_signatures!r}")
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    sig = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            sig.append(("T", tuple(x.shape), x.dtype, x.device.type))
+        else:
+            sig.append(("C", repr(x)))
+    return (str(spec), tuple(sig))
+
+
+class OptimizedModule(torch.nn.Module):
+    """The original model with its forward replaced by rewritten graphs (one per input signature)."""
+
+    def __init__(self, model: torch.nn.Module, config: OptimizeConfig) -> None:
+        super().__init__()
+        object.__setattr__(self, "_fd_model", model)
+        object.__setattr__(self, "_fd_config", config)
+        object.__setattr__(self, "_fd_graphs", {})
+        object.__setattr__(self, "_fd_warned", False)
+        # Share parameters, buffers and submodules: state_dict() equals the model's.
+        self._modules = model._modules
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self.training = model.training
+
+    @property
+    def original(self) -> torch.nn.Module:
+        return self._fd_model
+
+    @property
+    def results(self) -> list[PassResult]:
+        """Pass results for each captured signature (what was found and rewritten)."""
+        return [r for _, r in self._fd_graphs.values()]
+
+    @property
+    def graph_modules(self) -> list[fx.GraphModule]:
+        return [g for g, _ in self._fd_graphs.values()]
+
+    def capture(self, *args: Any, **kwargs: Any) -> tuple[fx.GraphModule, PassResult]:
+        """Capture and rewrite for this input signature (cached)."""
+        key = _signature(args, kwargs)
+        hit = self._fd_graphs.get(key)
+        if hit is not None:
+            return hit
+        model = self._fd_model
+        was_training = model.training
+        model.eval()
+        try:
+            gm = capture_export(model, args, kwargs)
+        finally:
+            model.train(was_training)
+        res = run_passes(gm, self._fd_config.rewrite)
+        if len(self._fd_graphs) >= self._fd_config.max_signatures:
+            self._fd_graphs.pop(next(iter(self._fd_graphs)))
+        self._fd_graphs[key] = (gm, res)
+        log.info("fusediff.optimize: new signature captured; rewritten %s", res.rewritten)
+        return gm, res
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled() or self.training:
+            why = "autograd enabled" if torch.is_grad_enabled() else "module in training mode"
+            if self._fd_config.on_grad == "error":
+                raise RuntimeError(f"fusediff: optimized module called with {why}; the fused ops have no "
+                                   "backward. Use torch.no_grad()/inference_mode() and .eval().")
+            if not self._fd_warned:
+                log.warning("fusediff: %s -> running the original model (no fused kernels)", why)
+                object.__setattr__(self, "_fd_warned", True)
+            return self._fd_model(*args, **kwargs)
+        gm, _ = self.capture(*args, **kwargs)
+        return gm(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> "OptimizedModule":
+        self._fd_model.train(mode)
+        self.training = mode
+        return self
+
+
+def optimize(model: torch.nn.Module, config: OptimizeConfig | RewriteConfig | None = None, *,
+             example_args: tuple = (), example_kwargs: dict | None = None) -> OptimizedModule:
+    """Rewrite ``model``'s U-Net patterns into fusediff kernels; returns an eager module.
+
+    Args:
+        model: any ``nn.Module`` that ``torch.export`` can capture (diffusers U-Nets, LDM/EDM2 nets).
+        config: :class:`OptimizeConfig` (or just a :class:`RewriteConfig`).
+        example_args / example_kwargs: optional inputs to capture right away (else on first call).
+    Returns:
+        :class:`OptimizedModule` sharing ``model``'s parameters.
+    Example:
+        >>> fast = fusediff.optimize(unet.eval())
+        >>> with torch.no_grad():
+        ...     out = fast(latents, t, encoder_hidden_states=ctx)
+    """
+    if isinstance(config, RewriteConfig):
+        config = OptimizeConfig(rewrite=config)
+    config = config or OptimizeConfig()
+    if not isinstance(config, OptimizeConfig):
+        raise TypeError(f"optimize: config must be OptimizeConfig or RewriteConfig, got {type(config).__name__}")
+    om = OptimizedModule(model, config)
+    if example_args or example_kwargs:
+        with torch.no_grad():
+            om.capture(*example_args, **(example_kwargs or {}))
+    return om
