@@ -302,6 +302,11 @@ def _is_noop(node: fx.Node, c: Canon) -> bool:
     return False
 
 
+_ASSERTS = tuple(t for t in (getattr(aten, "_assert_tensor_metadata", None),
+                              getattr(aten, "_assert_scalar", None)) if t is not None)
+_ASSERTS = tuple(getattr(t, "default", t) for t in _ASSERTS)
+
+
 @dataclass
 class CanonStats:
     nodes: int = 0
@@ -318,6 +323,10 @@ def canonicalize(gm: fx.GraphModule, *, strip_noops: bool = True) -> CanonStats:
     g = gm.graph
     for node in list(g.nodes):
         stats.nodes += 1
+        if strip_noops and node.op == "call_function" and node.target in _ASSERTS and not node.users:
+            g.erase_node(node)  # export's metadata asserts would pin dead nodes alive
+            stats.stripped["assert"] = stats.stripped.get("assert", 0) + 1
+            continue
         if "val" not in node.meta and "example_value" in node.meta:
             node.meta["val"] = node.meta["example_value"]
         node.meta["fusediff_module"] = module_path(node)

@@ -60,6 +60,15 @@ def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:
     for s in res.sites:
         if s.matched and not s.rewritten:
             _owner(s).rewrite(gm, s)
+    # Erase the replaced nodes explicitly: DCE keeps ops it considers impure (aten SDPA).
+    by_name = {n.name: n for n in gm.graph.nodes}
+    for s in res.sites:
+        if s.rewritten:
+            for name in reversed(s.nodes):
+                n = by_name.get(name)
+                if n is not None and not n.users:
+                    gm.graph.erase_node(n)
+                    del by_name[name]
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()

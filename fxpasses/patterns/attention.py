@@ -343,10 +343,10 @@ def _find_softmax(sm: fx.Node, cfg: RewriteConfig) -> Site | None:
     anchor_dtype = tensor_meta(qsrc).dtype if isinstance(qsrc, fx.Node) and tensor_meta(qsrc) is not None else (smm.dtype if smm is not None else "")
     form_name = locals().get("form", "matmul")
     if why is None:
-        if _split_source(qsrc) is not None and _split_source(qsrc) is _split_source(ksrc):
-            form_name = "qkv_legacy"
-        elif _has_ancestor(qsrc, _is_norm_node, 6) and _has_ancestor(ksrc, _is_norm_node, 6):
+        if _has_ancestor(qsrc, _is_norm_node, 6) and _has_ancestor(ksrc, _is_norm_node, 6):
             form_name = "cosine"
+        elif _split_source(qsrc) is not None and _split_source(qsrc) is _split_source(ksrc):
+            form_name = "qkv_legacy"
     site = _base_site(sm, region, form_name, qsrc, ksrc, anchor_dtype, shapes)
     if why is None:
         site.attrs["kind"] = _kind(qsrc, ksrc)
