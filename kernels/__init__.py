@@ -2,6 +2,6 @@
 
 Importing this package registers every op (``torch.ops.fusediff.*``).
 """
-from kernels import attention, geglu, groupnorm, softmax  # noqa: F401
+from kernels import attention, geglu, groupnorm, softmax, winograd  # noqa: F401
 
-__all__ = ["attention", "geglu", "groupnorm", "softmax"]
+__all__ = ["attention", "geglu", "groupnorm", "softmax", "winograd"]
