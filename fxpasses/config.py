@@ -20,6 +20,8 @@ class RewriteConfig:
         geglu_fuse_linear: rewrite ``linear -> chunk -> x*gelu(g)`` into one ``linear_geglu``
             matmul (the 2F projection is never written); off by default because cuBLAS + the
             standalone GEGLU kernel is usually faster for small token counts.
+        attention_impl: ``"flash"`` (FlashAttention-style kernel; sites it cannot take fall back to
+            the partially fused softmax) or ``"partial_softmax"`` (paper §3.2.1, the ablation row).
         dtypes: input dtypes a site may have to be rewritten.
         exclude: module-path prefixes never rewritten (e.g. ``("conv_in", "time_embedding")``).
     """
@@ -29,6 +31,7 @@ class RewriteConfig:
     fuse_film: bool = True
     absorb_upcast: bool = True
     geglu_fuse_linear: bool = False
+    attention_impl: str = "flash"
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
@@ -36,6 +39,9 @@ class RewriteConfig:
         bad = [p for p in self.patterns if p not in _PATTERNS]
         if bad:
             raise ValueError(f"RewriteConfig.patterns: unknown {bad}; allowed values are {list(_PATTERNS)}")
+        if self.attention_impl not in ("flash", "partial_softmax"):
+            raise ValueError(f"RewriteConfig.attention_impl: {self.attention_impl!r}; allowed values are "
+                             "['flash', 'partial_softmax']")
         okd = ("float32", "float16", "bfloat16")
         badd = [d for d in self.dtypes if d not in okd]
         if badd:

@@ -180,8 +180,18 @@ def _finish(site: Site, cfg: RewriteConfig, q4_shape, k4_shape, dtype, why: str 
             why = "pattern family disabled in config"
         else:
             ok, r = katt.flash_attention_supported(tuple(q4_shape), tuple(k4_shape), dtype)
-            if not ok:
-                why = r
+            site.attrs["impl"] = "flash"
+            if cfg.attention_impl == "partial_softmax":
+                site.attrs["impl"] = "partial_softmax"
+            elif not ok:
+                from kernels import softmax as ksm
+
+                if q4_shape[-1] <= ksm.MAX_HEAD_DIM and tuple(q4_shape[:2]) == tuple(k4_shape[:2]):
+                    # the flash kernel's constraints fail: fall back to the partially fused softmax
+                    site.attrs["impl"] = "partial_softmax"
+                    site.reason = f"flash attention not used ({r}); partially fused softmax instead"
+                else:
+                    why = r
     if why is not None:
         site.matched = False
         site.reason = why
@@ -390,12 +400,21 @@ def _to_bhld(g, x, sub: str, batch: str, l: str, d: str, like):
     return y
 
 
+def _partial_softmax(q, k, v, attn_mask, scale):
+    from kernels.softmax import partial_softmax_attention
+
+    return partial_softmax_attention(q, k, v, scale=scale, attn_mask=attn_mask)
+
+
 def rewrite(gm: fx.GraphModule, site: Site) -> None:
     import kernels.attention  # noqa: F401  (registers fusediff::flash_attention)
+    import kernels.softmax  # noqa: F401  (registers fusediff::softmax_stats / softmax_matmul)
 
     p = site.attrs["_plan"]
     g = gm.graph
-    fa = torch.ops.fusediff.flash_attention.default
+    # same argument order for both: (q, k, v, mask, scale)
+    fa = torch.ops.fusediff.flash_attention.default if site.attrs.get("impl", "flash") == "flash" \
+        else _partial_softmax
     if p["kind"] == "sdpa":
         node = p["node"]
         c = canon(node)

@@ -411,7 +411,18 @@ def test_attention_head_dim_too_large_is_reported():
     q = k = v = torch.randn(1, 1, 4, 512)
     gm = capture_export(MatmulAttn(512), (q, k, v))
     (s,) = run_passes(gm).sites
-    assert not s.matched and s.reason and not s.rewritten
+    assert not s.matched and "head dim 512" in s.reason and not s.rewritten
+    assert any("softmax" in t for t in _orig(gm))
+
+
+def test_attention_impl_partial_softmax_config():
+    q, k, v = torch.randn(2, 2, 9, 40), torch.randn(2, 2, 77, 40), torch.randn(2, 2, 77, 40)
+    gm, res = rewrite_and_compare(MatmulAttn(40), (q, k, v), "dynamo",
+                                  cfg=RewriteConfig(attention_impl="partial_softmax"))
+    (s,) = res.sites
+    assert s.rewritten and s.attrs["impl"] == "partial_softmax"
+    with pytest.raises(ValueError, match="attention_impl"):
+        RewriteConfig(attention_impl="fast")
 
 
 # ----------------------------------------------------------------------------- GELU family
