@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-_PATTERNS = ("groupnorm", "attention", "geglu", "gelu")
+_PATTERNS = ("groupnorm", "attention", "geglu", "gelu", "winograd")
 
 
 @dataclass(frozen=True)
@@ -11,7 +11,8 @@ class RewriteConfig:
     """Which patterns the passes look for and which they rewrite.
 
     Args:
-        patterns: pattern families to rewrite, any of ``("groupnorm", "attention", "geglu", "gelu")``.
+        patterns: pattern families to rewrite, any of
+            ``("groupnorm", "attention", "geglu", "gelu", "winograd")``.
             Families left out are still *found* and reported, never rewritten.
         fuse_silu: fold a SiLU that follows a GroupNorm into the fused kernel.
         fuse_film: fold the scale-shift (FiLM) ``x * (1 + scale) + shift`` into the kernel.
@@ -22,6 +23,8 @@ class RewriteConfig:
             standalone GEGLU kernel is usually faster for small token counts.
         attention_impl: ``"flash"`` (FlashAttention-style kernel; sites it cannot take fall back to
             the partially fused softmax) or ``"partial_softmax"`` (paper §3.2.1, the ablation row).
+        winograd: ``"auto"`` (3x3 convs where kernels.winograd.winograd_pays says it pays; never
+            on CPU), ``"off"``, or ``"force"`` (every eligible 3x3 conv: tests, ablations).
         dtypes: input dtypes a site may have to be rewritten.
         exclude: module-path prefixes never rewritten (e.g. ``("conv_in", "time_embedding")``).
     """
@@ -32,6 +35,7 @@ class RewriteConfig:
     absorb_upcast: bool = True
     geglu_fuse_linear: bool = False
     attention_impl: str = "flash"
+    winograd: str = "auto"
     dtypes: tuple[str, ...] = ("float32", "float16", "bfloat16")
     exclude: tuple[str, ...] = field(default_factory=tuple)
 
@@ -42,6 +46,8 @@ class RewriteConfig:
         if self.attention_impl not in ("flash", "partial_softmax"):
             raise ValueError(f"RewriteConfig.attention_impl: {self.attention_impl!r}; allowed values are "
                              "['flash', 'partial_softmax']")
+        if self.winograd not in ("auto", "off", "force"):
+            raise ValueError(f"RewriteConfig.winograd: {self.winograd!r}; allowed values are ['auto', 'off', 'force']")
         okd = ("float32", "float16", "bfloat16")
         badd = [d for d in self.dtypes if d not in okd]
         if badd:

@@ -12,12 +12,12 @@ import torch.fx as fx
 
 from fxpasses.canonicalize import CanonStats, canonicalize
 from fxpasses.config import RewriteConfig
-from fxpasses.patterns import attention, gelu, groupnorm
+from fxpasses.patterns import attention, conv, gelu, groupnorm
 from fxpasses.sites import Site
 
 log = logging.getLogger("fusediff.fxpasses")
 
-FAMILIES = {"groupnorm": groupnorm, "attention": attention, "gelu": gelu}
+FAMILIES = {"groupnorm": groupnorm, "attention": attention, "gelu": gelu, "conv": conv}
 
 
 @dataclass
@@ -52,7 +52,7 @@ def find_sites(gm: fx.GraphModule, cfg: RewriteConfig | None = None) -> list[Sit
 
 
 def _owner(site: Site):
-    return FAMILIES["gelu" if site.pattern in ("gelu", "geglu") else site.family]
+    return {"gelu": gelu, "geglu": gelu, "winograd": conv}.get(site.pattern) or FAMILIES[site.family]
 
 
 def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:

@@ -13,6 +13,7 @@ from typing import Any
 FAMILY_NORM = "groupnorm"  # GroupNorm -> [FiLM] -> [SiLU] -> [dropout] -> [resample] -> Conv/Linear
 FAMILY_ATTENTION = "attention"  # SDPA / matmul+softmax+matmul / baddbmm / einsum / legacy qkv / cosine
 FAMILY_GELU = "gelu"  # GELU (erf/tanh) and GEGLU
+FAMILY_CONV = "conv"  # 3x3 conv -> Winograd F(4x4, 3x3) where it pays
 
 PATTERNS: dict[str, str] = {
     "groupnorm_silu": FAMILY_NORM,  # GroupNorm -> SiLU (-> conv/linear context)
@@ -20,6 +21,7 @@ PATTERNS: dict[str, str] = {
     "attention": FAMILY_ATTENTION,
     "geglu": FAMILY_GELU,
     "gelu": FAMILY_GELU,
+    "winograd": FAMILY_CONV,
 }
 
 

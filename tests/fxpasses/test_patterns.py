@@ -503,3 +503,36 @@ def test_config_validation():
         RewriteConfig(patterns=("groupnorm", "bogus"))
     with pytest.raises(ValueError, match="dtypes"):
         RewriteConfig(dtypes=("int8",))
+
+
+# ----------------------------------------------------------------------------- Winograd (conv family)
+class ConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(5, 7, 3, padding=1)  # eligible
+        self.c2 = nn.Conv2d(7, 7, 3, stride=2, padding=1)  # stride 2: not eligible
+        self.c3 = nn.Conv2d(7, 6, 1)  # 1x1: not a candidate
+
+    def forward(self, x):
+        return self.c3(self.c2(self.c1(x)))
+
+
+@pytest.mark.parametrize("how", CAPTURES)
+def test_winograd_force(how):
+    _common.reset_counts()
+    gm, res = rewrite_and_compare(ConvNet(), (torch.randn(2, 5, 9, 11),), how,
+                                  cfg=RewriteConfig(winograd="force"), table=(1e-3, 1e-3))
+    wsites = [s for s in res.sites if s.pattern == "winograd"]
+    assert [s.matched for s in wsites] == [True, False]
+    assert "stride" in wsites[1].reason
+    assert wsites[0].attrs["weight_snapshot"] is (how == "export")
+    assert _common.DISPATCH_COUNTS[("winograd_conv2d", "triton")] >= 1
+
+
+def test_winograd_auto_never_on_cpu_and_off():
+    for mode in ("auto", "off"):
+        gm = capture_export(ConvNet(), (torch.randn(1, 5, 8, 8),))
+        res = run_passes(gm, RewriteConfig(winograd=mode))
+        assert [s for s in res.sites if s.pattern == "winograd"] == []
+    with pytest.raises(ValueError, match="winograd"):
+        RewriteConfig(winograd="always")
