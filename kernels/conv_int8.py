@@ -1,0 +1,502 @@
+"""INT8 / INT4-weight implicit-GEMM conv2d with the MoDiff dequant + ô-cache epilogue (Fig. 1 right).
+
+Math (MoDiff eq. 7; ``⊗`` = integer conv, ``*`` = float conv):
+
+    primed:      ô_t = s_a[n] · s_w[cout] · (W_int ⊗ q)[n, cout, :, :] + ô_{t+1}     (no bias)
+    not primed:  ô_T = deQ(W) * â_T + bias      (float conv, F.conv2d, in â's dtype; â_T = a_T)
+    baseline:    o   = s_a[n] · s_w[cout] · (W_int ⊗ q) + bias                        (no cache)
+
+q holds Q(Δ) (MoDiff) or Q(a) (baseline) from ``kernels.quantize``; s_a is per sample ``(N,)`` or
+per tensor ``(1,)``; s_w is per output channel. Per-pixel activation scales cannot be folded into
+this epilogue (a 3x3 window mixes pixels), which is why activations are scaled per sample.
+
+Implicit GEMM (NHWC view, no im2col buffer):
+
+    M = N * Hout * Wout   (rows: output pixels)
+    N = Cout              (columns)
+    K = KH * KW * Cin     (reduction), ordered (r, s, cin): k = (r * KW + s) * Cin + cin
+
+The A tile ``[BLOCK_M, BLOCK_K]`` gathers q at ``(n, cin, oh*stride - pad + r, ow*stride - pad + s)``
+(zero outside the image) for one filter tap ``(r, s)`` and a block of input channels, so the K loop
+runs over taps x ceil(Cin / BLOCK_K) channel blocks; q in channels_last makes each A row contiguous.
+The B tile ``[BLOCK_K, BLOCK_N]`` comes from the prepared weight ``(Cout, K)`` (K contiguous).
+``tl.dot(int8, int8) -> int32`` accumulates exactly (tensor-core IMMA on the GPU; the Triton 3.9
+interpreter also computes int8 dots exactly in int32, so CPU tests exercise the same code path).
+
+INT4 weights (``w_bits=4``): the (Cout, K) matrix above, in this (r, s, cin) K order, packed by
+``kernels.quantize.pack_int4`` (element k in byte k // 2, low nibble for even k, two's complement),
+shape ``(Cout, ceil(K/2))`` uint8. The kernel loads the byte for each k of its tile and
+sign-extends the nibble in registers to int8 before the same int8 dot: Hopper has no INT4 MMA, so
+INT4 saves weight bandwidth (half the bytes) and not math.
+
+Epilogue (tl.constexpr flags, one store per output): ``ACC_ONLY`` writes the raw int32 accumulator
+(debug entry :func:`int8_conv2d_acc`); otherwise dequantize by ``s_a[n] * s_w[cout]`` and either add
+ô_{t+1} (``HAS_OHAT``: read, add, and write the new ô into ``o_hat`` in place) or the bias
+(``HAS_BIAS``). The op must return a fresh tensor (a custom op's output may not alias a mutated
+input), so in MoDiff mode the same values are stored twice: into ``o_hat`` and into the output.
+
+First step: ``primed`` is read on the host (``bool(primed)``) to pick the float path. Keep
+``primed`` on the CPU (a 0-d CPU bool tensor is accepted beside CUDA operands) to avoid a device
+sync per call; a CUDA ``primed`` costs one sync.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernels import _common
+from kernels.quantize import _check_bits, pack_int4, quantize_weight, unpack_int4
+
+if _common.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.quantize import _store_cast
+else:  # pragma: no cover
+    triton = None
+    tl = None
+
+__all__ = [
+    "int8_conv2d",
+    "int8_conv2d_acc",
+    "prepare_conv_weight",
+    "dequantize_conv_weight",
+    "int8_conv2d_ref",
+    "int8_conv2d_acc_ref",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+# ------------------------------------------------------------------------------------------------
+# Autotune configs
+# ------------------------------------------------------------------------------------------------
+
+
+def _conv_configs():
+    if _common.interpret_mode():
+        # Small tiles so CPU tests cover several M/N tiles and K blocks; int8 dot minimums kept.
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, w, st in [
+        (128, 128, 64, 4, 4),
+        (128, 128, 128, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 2, 5),
+        (32, 64, 64, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st))
+    return cfgs
+
+
+def _prune_conv_configs(configs, named_args, **kwargs):
+    """Drop tiles much larger than the problem (small Cout / Cin / M)."""
+    cout, cin = named_args["Cout"], named_args["Cin"]
+    m = named_args["Nimg"] * named_args["Hout"] * named_args["Wout"]
+    keep = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= max(32, _common.next_pow2(cout))
+        and c.kwargs["BLOCK_K"] <= max(32, _common.next_pow2(cin))
+        and c.kwargs["BLOCK_M"] <= max(32, _common.next_pow2(m))
+    ]
+    return keep or configs[-1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel
+# ------------------------------------------------------------------------------------------------
+
+if _common.HAS_TRITON:
+
+    @triton.jit
+    def _load_w_tile(w_ptr, offs_n, kk, k_ok, n_ok, stride_wn, W_BITS: tl.constexpr):
+        """B tile [BLOCK_K, BLOCK_N] int8 of the (Cout, K) weight at flat K indices ``kk``."""
+        mask = k_ok[:, None] & n_ok[None, :]
+        if W_BITS == 8:
+            return tl.load(w_ptr + offs_n[None, :] * stride_wn + kk[:, None], mask=mask, other=0)
+        # INT4: byte k // 2, low nibble for even k; sign-extend the nibble in registers.
+        byte = tl.load(w_ptr + offs_n[None, :] * stride_wn + (kk >> 1)[:, None], mask=mask, other=0).to(tl.int32)
+        nib = (byte >> ((kk & 1) * 4)[:, None]) & 0xF
+        return (nib - ((nib >> 3) << 4)).to(tl.int8)
+
+    @triton.autotune(
+        configs=_conv_configs(),
+        key=["Cin", "Cout", "Hout", "Wout", "Nimg", "KH", "STRIDE", "W_BITS", "HAS_OHAT", "ACC_ONLY"],
+        prune_configs_by={"early_config_prune": _prune_conv_configs},
+        restore_value=["ohat_ptr"],  # benchmarking reruns would otherwise add ô twice
+    )
+    @triton.jit
+    def _int8_conv2d_kernel(
+        q_ptr,  # (N, Cin, H, W) int8, any strides (channels_last: K-contiguous A rows)
+        w_ptr,  # (Cout, K) int8, or (Cout, ceil(K/2)) uint8 when W_BITS == 4; K order (r, s, cin)
+        act_scale_ptr,  # (N,) or (1,) fp32
+        w_scale_ptr,  # (Cout,) fp32
+        bias_ptr,  # (Cout,) float (HAS_BIAS)
+        ohat_ptr,  # (N, Cout, Hout, Wout) float (HAS_OHAT): ô_{t+1} in, ô_t out
+        out_ptr,  # (N, Cout, Hout, Wout) float out, or int32 when ACC_ONLY
+        Nimg,
+        Cin,
+        H,
+        W,
+        Cout,
+        Hout,
+        Wout,
+        stride_qn, stride_qc, stride_qh, stride_qw,
+        stride_wn,
+        stride_sa,  # 1 per sample, 0 per tensor
+        stride_hn, stride_hc, stride_hh, stride_hw,
+        stride_on, stride_oc, stride_oh, stride_ow,
+        KH: tl.constexpr,
+        KW: tl.constexpr,
+        STRIDE: tl.constexpr,
+        PAD: tl.constexpr,
+        W_BITS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_OHAT: tl.constexpr,
+        ACC_ONLY: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        HWo = Hout * Wout
+        M = Nimg * HWo
+        num_pid_m = tl.cdiv(M, BLOCK_M)
+        num_pid_n = tl.cdiv(Cout, BLOCK_N)
+        # Grouped ordering (matmul tutorial): GROUP_M row-tiles share weight tiles in L2.
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < M
+        n_ok = offs_n < Cout
+        img = offs_m // HWo
+        rem = offs_m % HWo
+        oh = rem // Wout
+        ow = rem % Wout
+        ih0 = oh * STRIDE - PAD
+        iw0 = ow * STRIDE - PAD
+        q_rows = q_ptr + img.to(tl.int64) * stride_qn
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        c_blocks = tl.cdiv(Cin, BLOCK_K)
+        for it in range(0, KH * KW * c_blocks):
+            tap = it // c_blocks
+            cin = (it - tap * c_blocks) * BLOCK_K + offs_k
+            ih = ih0 + tap // KW
+            iw = iw0 + tap % KW
+            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            k_ok = cin < Cin
+            a = tl.load(
+                q_rows[:, None] + (ih * stride_qh + iw * stride_qw)[:, None] + cin[None, :] * stride_qc,
+                mask=row_ok[:, None] & k_ok[None, :],
+                other=0,
+            )
+            b = _load_w_tile(w_ptr, offs_n, tap * Cin + cin, k_ok, n_ok, stride_wn, W_BITS)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # exact int32: W_int ⊗ q
+
+        img64 = img.to(tl.int64)
+        out_off = (img64 * stride_on + oh * stride_oh + ow * stride_ow)[:, None] + offs_n[None, :] * stride_oc
+        mask = m_ok[:, None] & n_ok[None, :]
+        if ACC_ONLY:
+            tl.store(out_ptr + out_off, acc, mask=mask)
+        else:
+            s_a = tl.load(act_scale_ptr + img * stride_sa, mask=m_ok, other=0.0)
+            s_w = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
+            o = acc.to(tl.float32) * s_a[:, None] * s_w[None, :]  # deQ(W_int ⊗ Q(Δ))
+            if HAS_OHAT:
+                # MoDiff eq. (7): ô_t = deQ(W_int ⊗ Q(Δ)) + ô_{t+1}; the bias already lives in ô.
+                h_ptrs = ohat_ptr + (img64 * stride_hn + oh * stride_hh + ow * stride_hw)[:, None] + offs_n[None, :] * stride_hc
+                o += tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(h_ptrs, _store_cast(o, ohat_ptr), mask=mask)
+            elif HAS_BIAS:
+                o += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptr + out_off, _store_cast(o, out_ptr), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight preparation (offline, at rewrite time)
+# ------------------------------------------------------------------------------------------------
+
+
+def prepare_conv_weight(weight: torch.Tensor, bits: int, search: str = "mse") -> dict:
+    """Quantize (per output channel), reorder to the kernel's K order (r, s, cin) and pack INT4.
+
+    Args:
+        weight: float conv weight ``(Cout, Cin, k, k)``.
+        bits: 4 or 8.
+        search: ``"mse"`` or ``"minmax"`` (see :func:`kernels.quantize.quantize_weight`).
+    Returns:
+        ``{"w_q", "w_scale", "w_bits", "k_size", "cin", "cout"}``: ``w_q`` int8 ``(Cout, K)`` or
+        uint8 ``(Cout, ceil(K/2))`` (INT4), ``w_scale`` fp32 ``(Cout,)``.
+    Example:
+        >>> p = prepare_conv_weight(conv.weight, 8)
+        >>> y = torch.ops.fusediff.int8_conv2d(q, s, p["w_q"], p["w_scale"], conv.bias, None, None, None,
+        ...                                   1, 1, p["w_bits"], p["k_size"])
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or weight.shape[2] != weight.shape[3]:
+        raise ValueError(f"fusediff: weight must be (Cout, Cin, k, k), got {tuple(getattr(weight, 'shape', ()))}")
+    w_int, w_scale = quantize_weight(weight, bits, search)
+    cout, cin, k, _ = weight.shape
+    w_mat = w_int.permute(0, 2, 3, 1).reshape(cout, k * k * cin).contiguous()  # K order (r, s, cin)
+    w_q = pack_int4(w_mat) if bits == 4 else w_mat
+    return {"w_q": w_q, "w_scale": w_scale, "w_bits": bits, "k_size": k, "cin": cin, "cout": cout}
+
+
+def _weight_int_matrix(w_q: torch.Tensor, w_bits: int, k_total: int) -> torch.Tensor:
+    return unpack_int4(w_q, k_total) if w_bits == 4 else w_q
+
+
+def dequantize_conv_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_bits: int, k_size: int, cin: int) -> torch.Tensor:
+    """deQ(W) as an fp32 ``(Cout, Cin, k, k)`` conv weight (for the float first step)."""
+    cout = w_q.shape[0]
+    w_int = _weight_int_matrix(w_q, w_bits, k_size * k_size * cin)
+    w4 = w_int.reshape(cout, k_size, k_size, cin).permute(0, 3, 1, 2)
+    return w4.float() * w_scale.float().reshape(cout, 1, 1, 1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and launcher
+# ------------------------------------------------------------------------------------------------
+
+
+def _out_hw(h: int, w: int, k: int, stride: int, padding: int) -> tuple[int, int]:
+    return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
+
+
+def _check_geometry(q, w_q, stride, padding, w_bits, k_size) -> tuple[int, int, int]:
+    """Validate q/w_q/geometry; returns (Cout, Hout, Wout)."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise TypeError(f"fusediff: q must be an int8 tensor, got {getattr(q, 'dtype', type(q))}")
+    if q.dim() != 4:
+        raise ValueError(f"fusediff: q must be (N, Cin, H, W), got {tuple(q.shape)}")
+    _check_bits("w_bits", w_bits)
+    for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("k_size", k_size, 1)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"fusediff: {name} must be an int >= {lo}, got {v!r}")
+    cin = q.shape[1]
+    k_total = k_size * k_size * cin
+    want_dtype, width = (torch.int8, k_total) if w_bits == 8 else (torch.uint8, (k_total + 1) // 2)
+    if w_q.dtype != want_dtype:
+        raise TypeError(f"fusediff: w_q must be {want_dtype} for w_bits={w_bits}, got {w_q.dtype}")
+    if w_q.dim() != 2 or w_q.shape[1] != width:
+        raise ValueError(
+            f"fusediff: w_q must be (Cout, {width}) for k_size={k_size}, Cin={cin}, w_bits={w_bits} "
+            f"(see prepare_conv_weight), got {tuple(w_q.shape)}"
+        )
+    hout, wout = _out_hw(q.shape[2], q.shape[3], k_size, stride, padding)
+    if hout <= 0 or wout <= 0:
+        raise ValueError(f"fusediff: empty output for input {tuple(q.shape[2:])}, k={k_size}, padding={padding}")
+    return w_q.shape[0], hout, wout
+
+
+def _check_scales(act_scale, w_scale, n: int, cout: int) -> None:
+    for name, t in (("act_scale", act_scale), ("w_scale", w_scale)):
+        if t.dtype != torch.float32:
+            raise TypeError(f"fusediff: {name} must be float32, got {t.dtype}")
+    if act_scale.dim() != 1 or act_scale.shape[0] not in (n, 1):
+        raise ValueError(f"fusediff: act_scale must be ({n},) per sample or (1,) per tensor, got {tuple(act_scale.shape)}")
+    if tuple(w_scale.shape) != (cout,):
+        raise ValueError(f"fusediff: w_scale must be ({cout},), got {tuple(w_scale.shape)}")
+
+
+def _check_modiff(q, out_shape, bias, o_hat, a_hat, primed) -> None:
+    if bias is not None:
+        _common.check_float("bias", bias, _FLOATS)
+        if tuple(bias.shape) != (out_shape[1],):
+            raise ValueError(f"fusediff: bias must be ({out_shape[1]},), got {tuple(bias.shape)}")
+    given = [t is not None for t in (o_hat, a_hat, primed)]
+    if any(given) and not all(given):
+        raise ValueError("fusediff: MoDiff mode needs o_hat, a_hat and primed together (baseline: all None)")
+    if o_hat is None:
+        return
+    _common.check_float("o_hat", o_hat, _FLOATS)
+    _common.check_float("a_hat", a_hat, _FLOATS)
+    if tuple(o_hat.shape) != tuple(out_shape):
+        raise ValueError(
+            f"fusediff: o_hat shape {tuple(o_hat.shape)} != output shape {tuple(out_shape)}; the MoDiff cache is "
+            "never broadcast: reset the caches after a batch/shape change"
+        )
+    if tuple(a_hat.shape) != tuple(q.shape):
+        raise ValueError(
+            f"fusediff: a_hat shape {tuple(a_hat.shape)} != q shape {tuple(q.shape)}; the MoDiff cache is never "
+            "broadcast: reset the caches after a batch/shape change"
+        )
+    if not isinstance(primed, torch.Tensor) or primed.dtype != torch.bool or primed.dim() != 0:
+        raise TypeError(f"fusediff: primed must be a 0-d bool tensor, got {getattr(primed, 'dtype', type(primed))}")
+
+
+def _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size):
+    cout, hout, wout = _check_geometry(q, w_q, stride, padding, w_bits, k_size)
+    _check_scales(act_scale, w_scale, q.shape[0], cout)
+    out_shape = (q.shape[0], cout, hout, wout)
+    _check_modiff(q, out_shape, bias, o_hat, a_hat, primed)
+    return out_shape
+
+
+def _new_out(out_shape, o_hat: Optional[torch.Tensor], device) -> torch.Tensor:
+    """Output: like o_hat (dtype and strides) in MoDiff mode, else fp32 channels_last."""
+    if o_hat is not None:
+        return torch.empty_like(o_hat)
+    return torch.empty(out_shape, dtype=torch.float32, device=device, memory_format=torch.channels_last)
+
+
+def _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, stride, padding, w_bits, k_size, acc_only):
+    n, cin, h, w = q.shape
+    _, cout, hout, wout = out.shape
+    if out.numel() == 0:
+        return out
+    w_q = w_q.contiguous()
+    grid = lambda meta: (triton.cdiv(n * hout * wout, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
+    has_ohat = o_hat is not None
+    oh_arg = o_hat if has_ohat else out
+    sh = o_hat.stride() if has_ohat else (0, 0, 0, 0)
+    dummy = w_scale if w_scale is not None else out
+    _int8_conv2d_kernel[grid](
+        q, w_q,
+        act_scale if act_scale is not None else dummy,
+        w_scale if w_scale is not None else dummy,
+        bias if bias is not None else dummy,
+        oh_arg, out,
+        n, cin, h, w, cout, hout, wout,
+        *q.stride(), w_q.stride(0),
+        (1 if act_scale is not None and act_scale.shape[0] == n and n > 1 else 0),
+        *sh, *out.stride(),
+        KH=k_size, KW=k_size, STRIDE=stride, PAD=padding, W_BITS=w_bits,
+        HAS_BIAS=bias is not None and not has_ohat, HAS_OHAT=has_ohat, ACC_ONLY=acc_only,
+    )
+    return out
+
+
+def _first_step(a_hat, w_q, w_scale, bias, o_hat, stride, padding, w_bits, k_size):
+    """ô_T = deQ(W) * â_T + bias in â's float dtype; o_hat <- ô_T. Returns a fresh tensor."""
+    w = dequantize_conv_weight(w_q, w_scale, w_bits, k_size, a_hat.shape[1]).to(a_hat.dtype)
+    b = bias.to(a_hat.dtype) if bias is not None else None
+    o = F.conv2d(a_hat, w, b, stride=stride, padding=padding)
+    out = _new_out(o.shape, o_hat, o.device)
+    out.copy_(o)
+    o_hat.copy_(o)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom op and debug entry
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusediff::int8_conv2d", mutates_args=["o_hat"])
+def int8_conv2d(
+    q: torch.Tensor,
+    act_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    o_hat: Optional[torch.Tensor],
+    a_hat: Optional[torch.Tensor],
+    primed: Optional[torch.Tensor],
+    stride: int,
+    padding: int,
+    w_bits: int,
+    k_size: int,
+) -> torch.Tensor:
+    """Quantized conv2d (groups=1): baseline ``s_a s_w (W ⊗ q) + bias`` or MoDiff eq. (7).
+
+    Args:
+        q: int8 (N, Cin, H, W) activation levels (Q(a) or Q(Δ)), any layout (channels_last best).
+        act_scale: fp32 (N,) or (1,). w_q, w_scale: from :func:`prepare_conv_weight`.
+        bias: (Cout,) float or None (added on the baseline path and the first MoDiff step only).
+        o_hat, a_hat, primed: MoDiff caches (ô updated in place) or all None for the baseline.
+        stride, padding, w_bits (4/8), k_size: conv geometry and weight format.
+    Returns:
+        A new (N, Cout, Hout, Wout) tensor: o_hat's dtype and layout in MoDiff mode, else fp32
+        channels_last.
+    """
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
+    if o_hat is not None and not bool(primed):
+        _common.record("int8_conv2d_first_step", "reference")
+        return _first_step(a_hat, w_q, w_scale, bias, o_hat, stride, padding, w_bits, k_size)
+    tensors = [t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None]
+    path = _common.choose_path(*tensors)
+    _common.record("int8_conv2d", path)
+    if path == "triton":
+        out = _new_out(out_shape, o_hat, q.device)
+        return _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, stride, padding, w_bits, k_size, False)
+    return int8_conv2d_ref(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
+
+
+@int8_conv2d.register_fake
+def _int8_conv2d_fake(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size):
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
+    return _new_out(out_shape, o_hat, q.device)
+
+
+def int8_conv2d_acc(q: torch.Tensor, w_q: torch.Tensor, stride: int, padding: int, w_bits: int, k_size: int) -> torch.Tensor:
+    """Debug entry: the kernel's raw int32 accumulator ``W_int ⊗ q``, (N, Cout, Hout, Wout) contiguous.
+
+    Runs the same kernel as :func:`int8_conv2d` with the ACC_ONLY epilogue, so tests can compare
+    the integer result exactly.
+    """
+    cout, hout, wout = _check_geometry(q, w_q, stride, padding, w_bits, k_size)
+    path = _common.choose_path(q, w_q)
+    _common.record("int8_conv2d_acc", path)
+    out = torch.empty((q.shape[0], cout, hout, wout), dtype=torch.int32, device=q.device)
+    if path == "triton":
+        return _launch(q, None, w_q, None, None, None, out, stride, padding, w_bits, k_size, True)
+    return int8_conv2d_acc_ref(q, w_q, stride, padding, w_bits, k_size)
+
+
+# ------------------------------------------------------------------------------------------------
+# References
+# ------------------------------------------------------------------------------------------------
+
+
+def int8_conv2d_acc_ref(q: torch.Tensor, w_q: torch.Tensor, stride: int, padding: int, w_bits: int, k_size: int) -> torch.Tensor:
+    """Integer reference for the accumulator: float64 conv of the integer values (exact below 2^53)."""
+    cout, _, _ = _check_geometry(q, w_q, stride, padding, w_bits, k_size)
+    cin = q.shape[1]
+    w_int = _weight_int_matrix(w_q, w_bits, k_size * k_size * cin).reshape(cout, k_size, k_size, cin).permute(0, 3, 1, 2)
+    acc = F.conv2d(q.double(), w_int.double(), stride=stride, padding=padding)
+    return acc.round().to(torch.int32).contiguous()
+
+
+def int8_conv2d_ref(
+    q: torch.Tensor,
+    act_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    o_hat: Optional[torch.Tensor],
+    a_hat: Optional[torch.Tensor],
+    primed: Optional[torch.Tensor],
+    stride: int,
+    padding: int,
+    w_bits: int,
+    k_size: int,
+) -> torch.Tensor:
+    """Reference for ``fusediff::int8_conv2d`` (mutates ``o_hat`` like the op)."""
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
+    if o_hat is not None and not bool(primed):
+        return _first_step(a_hat, w_q, w_scale, bias, o_hat, stride, padding, w_bits, k_size)
+    acc = int8_conv2d_acc_ref(q, w_q, stride, padding, w_bits, k_size)
+    s_a = act_scale.reshape(-1, 1, 1, 1)
+    o = acc.float() * s_a * w_scale.reshape(1, -1, 1, 1)
+    if o_hat is not None:
+        o = o + o_hat.float()  # eq. (7)
+        o_hat.copy_(o)
+    elif bias is not None:
+        o = o + bias.float().reshape(1, -1, 1, 1)
+    out = _new_out(out_shape, o_hat, q.device)
+    out.copy_(o)
+    return out

@@ -1,0 +1,440 @@
+"""INT8 / INT4-weight linear layer with the MoDiff dequant + ô-cache epilogue, optional fused GEGLU.
+
+Math (MoDiff eq. 7 for a linear operator; rows t = tokens of x viewed as (T, K)):
+
+    primed:      ô_t = s_a[row] · s_w[f] · (q @ W_intᵀ)[row, f] + ô_{t+1}          (no bias)
+    not primed:  ô_T = â_T @ deQ(W)ᵀ + bias     (float F.linear in â's dtype; â_T = a_T)
+    baseline:    o   = s_a[row] · s_w[f] · (q @ W_intᵀ) + bias
+
+Activation scales: ``act_scale`` of shape (T,) (per token: quantize x.reshape(T, K) with
+``per_sample=True``), (N,) (per sample, N = x.shape[0]: every sample owns T / N consecutive rows)
+or (1,) (per tensor). Row t uses ``act_scale[t // (T // act_scale.numel())]``.
+
+GEGLU (``geglu=True``, diffusers ``GEGLU``: ``h, g = proj(x).chunk(2, -1); out = h * gelu(g)``,
+exact erf GELU): the weight is the full ``(2F, K)`` projection; a program computes the same column
+block of both halves (two accumulators, rows f and F + f of W) and applies the gate in the
+epilogue, so the (T, 2F) projection never reaches memory on the baseline path. With MoDiff the
+cache must hold what is linear in the input: ``o_hat`` is the PRE-gate (T, 2F) projection
+(eq. 7 holds for it, not for the gated output). The epilogue adds ô_{t+1} to both halves, stores
+the new pre-gate ô_t into ``o_hat``, then applies the gate and stores the (T, F) output. The
+first step stores ``â @ deQ(W)ᵀ + bias`` (2F) into ``o_hat`` and returns its gated value.
+
+GEMM: M = T, N = F (or F per half), K; ``tl.dot(int8, int8) -> int32`` exact (IMMA on the GPU,
+exact int32 in the Triton 3.9 interpreter). INT4 weights: ``(F_total, ceil(K/2))`` uint8 packed by
+``kernels.quantize.pack_int4`` along K (low nibble = even k), sign-extended in registers (Hopper
+has no INT4 MMA). ``primed`` is read on the host (keep it on the CPU to avoid a device sync).
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from kernels import _common
+from kernels.quantize import _check_bits, pack_int4, quantize_weight, unpack_int4
+
+if _common.HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    from kernels.conv_int8 import _load_w_tile
+    from kernels.quantize import _store_cast
+else:  # pragma: no cover
+    triton = None
+    tl = None
+
+__all__ = [
+    "int8_linear",
+    "int8_linear_acc",
+    "prepare_linear_weight",
+    "dequantize_linear_weight",
+    "int8_linear_ref",
+    "int8_linear_acc_ref",
+]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+# ------------------------------------------------------------------------------------------------
+# Autotune configs
+# ------------------------------------------------------------------------------------------------
+
+
+def _linear_configs():
+    if _common.interpret_mode():
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
+    cfgs = []
+    for bm, bn, bk, w, st in [
+        (128, 128, 64, 4, 4),
+        (128, 128, 128, 8, 3),
+        (128, 256, 64, 8, 3),
+        (64, 128, 64, 4, 4),
+        (128, 64, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (32, 64, 128, 4, 4),
+        (16, 64, 128, 4, 4),
+    ]:
+        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st))
+    return cfgs
+
+
+def _prune_linear_configs(configs, named_args, **kwargs):
+    t, f, k = named_args["T"], named_args["F"], named_args["K"]
+    keep = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= max(32, _common.next_pow2(f))
+        and c.kwargs["BLOCK_K"] <= max(32, _common.next_pow2(k))
+        and c.kwargs["BLOCK_M"] <= max(16, _common.next_pow2(t))
+    ]
+    return keep or configs[-1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Kernel
+# ------------------------------------------------------------------------------------------------
+
+if _common.HAS_TRITON:
+
+    @triton.jit
+    def _dequant_epilogue(acc, s_a, w_scale_ptr, bias_ptr, h_ptrs, cols, n_ok, mask,
+                          HAS_BIAS: tl.constexpr, HAS_OHAT: tl.constexpr):
+        """s_a · s_w · acc, plus ô_{t+1} (then stored as ô_t) or the bias."""
+        s_w = tl.load(w_scale_ptr + cols, mask=n_ok, other=0.0)
+        o = acc.to(tl.float32) * s_a[:, None] * s_w[None, :]
+        if HAS_OHAT:
+            o += tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)  # MoDiff eq. (7)
+            tl.store(h_ptrs, _store_cast(o, h_ptrs), mask=mask)
+        elif HAS_BIAS:
+            o += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        return o
+
+    @triton.autotune(
+        configs=_linear_configs(),
+        key=["T", "F", "K", "W_BITS", "HAS_OHAT", "GEGLU", "ACC_ONLY"],
+        prune_configs_by={"early_config_prune": _prune_linear_configs},
+        restore_value=["ohat_ptr"],  # benchmarking reruns would otherwise add ô twice
+    )
+    @triton.jit
+    def _int8_linear_kernel(
+        q_ptr,  # (T, K) int8
+        w_ptr,  # (F_total, K) int8, or (F_total, ceil(K/2)) uint8 when W_BITS == 4
+        act_scale_ptr,  # (T // ROWS_PER_SCALE,) fp32
+        w_scale_ptr,  # (F_total,) fp32
+        bias_ptr,  # (F_total,) float (HAS_BIAS)
+        ohat_ptr,  # (T, F_total) float (HAS_OHAT): ô_{t+1} in, ô_t out (pre-gate when GEGLU)
+        out_ptr,  # (T, F) float out (int32 when ACC_ONLY)
+        T,
+        K,
+        F,  # output columns; with GEGLU the weight has 2F rows: h = rows [0, F), gate = [F, 2F)
+        rows_per_scale,
+        stride_qt, stride_qk,
+        stride_wn,
+        stride_ht, stride_hf,
+        stride_ot, stride_of,
+        W_BITS: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        HAS_OHAT: tl.constexpr,
+        GEGLU: tl.constexpr,
+        ACC_ONLY: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        num_pid_m = tl.cdiv(T, BLOCK_M)
+        num_pid_n = tl.cdiv(F, BLOCK_N)
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        m_ok = offs_m < T
+        n_ok = offs_n < F
+        q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qt
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            k_ok = kk < K
+            a = tl.load(q_rows + kk[None, :] * stride_qk, mask=m_ok[:, None] & k_ok[None, :], other=0)
+            b = _load_w_tile(w_ptr, offs_n, kk, k_ok, n_ok, stride_wn, W_BITS)
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+            if GEGLU:
+                b_g = _load_w_tile(w_ptr, offs_n + F, kk, k_ok, n_ok, stride_wn, W_BITS)
+                acc_g = tl.dot(a, b_g, acc_g, out_dtype=tl.int32)
+
+        mask = m_ok[:, None] & n_ok[None, :]
+        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :] * stride_of
+        if ACC_ONLY:
+            tl.store(out_ptrs, acc, mask=mask)
+        else:
+            s_a = tl.load(act_scale_ptr + offs_m // rows_per_scale, mask=m_ok, other=0.0)
+            h_rows = ohat_ptr + offs_m.to(tl.int64)[:, None] * stride_ht
+            o = _dequant_epilogue(acc, s_a, w_scale_ptr, bias_ptr, h_rows + offs_n[None, :] * stride_hf, offs_n, n_ok,
+                                  mask, HAS_BIAS, HAS_OHAT)
+            if GEGLU:
+                g = _dequant_epilogue(acc_g, s_a, w_scale_ptr, bias_ptr, h_rows + (offs_n + F)[None, :] * stride_hf,
+                                      offs_n + F, n_ok, mask, HAS_BIAS, HAS_OHAT)
+                # The gate acts after the cache add: ô holds the pre-gate projection.
+                o = o * (0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)))
+            tl.store(out_ptrs, _store_cast(o, out_ptr), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# Weight preparation
+# ------------------------------------------------------------------------------------------------
+
+
+def prepare_linear_weight(weight: torch.Tensor, bits: int, search: str = "mse") -> dict:
+    """Quantize a linear weight ``(F_total, K)`` per output feature and pack INT4 along K.
+
+    Returns ``{"w_q", "w_scale", "w_bits", "in_features", "out_features"}`` (``w_q`` int8
+    ``(F_total, K)`` or uint8 ``(F_total, ceil(K/2))``). For GEGLU pass the full (2F, K) projection.
+    Example:
+        >>> p = prepare_linear_weight(lin.weight, 8)
+        >>> q, s = torch.ops.fusediff.quantize_act(x.reshape(-1, x.shape[-1]), 8, True)   # per token
+        >>> y = torch.ops.fusediff.int8_linear(q.view_as(x), s, p["w_q"], p["w_scale"], lin.bias,
+        ...                                   None, None, None, p["w_bits"], False)
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"fusediff: weight must be (out_features, in_features), got {tuple(getattr(weight, 'shape', ()))}")
+    w_int, w_scale = quantize_weight(weight, bits, search)
+    w_q = pack_int4(w_int) if bits == 4 else w_int.contiguous()
+    return {"w_q": w_q, "w_scale": w_scale, "w_bits": bits, "in_features": weight.shape[1], "out_features": weight.shape[0]}
+
+
+def dequantize_linear_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
+    """deQ(W) as fp32 ``(F_total, K)``."""
+    w_int = unpack_int4(w_q, k) if w_bits == 4 else w_q
+    return w_int.float() * w_scale.float()[:, None]
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and launcher
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_gemm(q, w_q, w_bits) -> tuple[int, int]:
+    """Returns (T, F_total)."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise TypeError(f"fusediff: q must be an int8 tensor, got {getattr(q, 'dtype', type(q))}")
+    if q.dim() < 2:
+        raise ValueError(f"fusediff: q must be (..., K) with at least one leading dim, got {tuple(q.shape)}")
+    _check_bits("w_bits", w_bits)
+    k = q.shape[-1]
+    if k < 1:
+        raise ValueError(f"fusediff: q must have K >= 1 features, got shape {tuple(q.shape)}")
+    want_dtype, width = (torch.int8, k) if w_bits == 8 else (torch.uint8, (k + 1) // 2)
+    if w_q.dtype != want_dtype:
+        raise TypeError(f"fusediff: w_q must be {want_dtype} for w_bits={w_bits}, got {w_q.dtype}")
+    if w_q.dim() != 2 or w_q.shape[1] != width:
+        raise ValueError(f"fusediff: w_q must be (F, {width}) for K={k}, w_bits={w_bits}, got {tuple(w_q.shape)}")
+    return math.prod(q.shape[:-1]), w_q.shape[0]
+
+
+def _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu):
+    t, f_total = _check_gemm(q, w_q, w_bits)
+    if not isinstance(geglu, bool):
+        raise TypeError(f"fusediff: geglu must be a bool, got {type(geglu).__name__}")
+    if geglu and f_total % 2:
+        raise ValueError(f"fusediff: geglu needs an even number of weight rows (2F), got {f_total}")
+    for name, s in (("act_scale", act_scale), ("w_scale", w_scale)):
+        if s.dtype != torch.float32:
+            raise TypeError(f"fusediff: {name} must be float32, got {s.dtype}")
+    n = q.shape[0]
+    if act_scale.dim() != 1 or act_scale.shape[0] not in (t, n, 1):
+        raise ValueError(
+            f"fusediff: act_scale must be ({t},) per token, ({n},) per sample or (1,) per tensor, got {tuple(act_scale.shape)}"
+        )
+    if tuple(w_scale.shape) != (f_total,):
+        raise ValueError(f"fusediff: w_scale must be ({f_total},), got {tuple(w_scale.shape)}")
+    if bias is not None:
+        _common.check_float("bias", bias, _FLOATS)
+        if tuple(bias.shape) != (f_total,):
+            raise ValueError(f"fusediff: bias must be ({f_total},), got {tuple(bias.shape)}")
+    given = [x is not None for x in (o_hat, a_hat, primed)]
+    if any(given) and not all(given):
+        raise ValueError("fusediff: MoDiff mode needs o_hat, a_hat and primed together (baseline: all None)")
+    if o_hat is not None:
+        _common.check_float("o_hat", o_hat, _FLOATS)
+        _common.check_float("a_hat", a_hat, _FLOATS)
+        want = tuple(q.shape[:-1]) + (f_total,)
+        if tuple(o_hat.shape) != want:
+            raise ValueError(
+                f"fusediff: o_hat shape {tuple(o_hat.shape)} != {want} (the pre-gate projection when geglu); the "
+                "MoDiff cache is never broadcast: reset the caches after a batch/shape change"
+            )
+        if tuple(a_hat.shape) != tuple(q.shape):
+            raise ValueError(
+                f"fusediff: a_hat shape {tuple(a_hat.shape)} != q shape {tuple(q.shape)}; the MoDiff cache is never "
+                "broadcast: reset the caches after a batch/shape change"
+            )
+        if not isinstance(primed, torch.Tensor) or primed.dtype != torch.bool or primed.dim() != 0:
+            raise TypeError(f"fusediff: primed must be a 0-d bool tensor, got {getattr(primed, 'dtype', type(primed))}")
+    f_out = f_total // 2 if geglu else f_total
+    return tuple(q.shape[:-1]) + (f_out,)
+
+
+def _new_out(out_shape, o_hat: Optional[torch.Tensor], device) -> torch.Tensor:
+    dtype = o_hat.dtype if o_hat is not None else torch.float32
+    return torch.empty(out_shape, dtype=dtype, device=device)
+
+
+def _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, w_bits, geglu, acc_only):
+    k = q.shape[-1]
+    t = math.prod(q.shape[:-1])
+    f_out = out.shape[-1]
+    if out.numel() == 0:
+        return out
+    q2 = q.reshape(t, k)
+    out2 = out.view(t, f_out)
+    has_ohat = o_hat is not None
+    if has_ohat:
+        try:
+            oh2 = o_hat.view(t, o_hat.shape[-1])
+        except RuntimeError:
+            raise ValueError("fusediff: o_hat must be viewable as (T, F) (contiguous rows); it is updated in place")
+    else:
+        oh2 = out2
+    w_q = w_q.contiguous()
+    dummy = out2
+    rows_per_scale = t // act_scale.shape[0] if act_scale is not None else 1
+    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(f_out, meta["BLOCK_N"]),)
+    _int8_linear_kernel[grid](
+        q2, w_q,
+        act_scale if act_scale is not None else dummy,
+        w_scale if w_scale is not None else dummy,
+        bias if bias is not None else dummy,
+        oh2, out2,
+        t, k, f_out, max(rows_per_scale, 1),
+        q2.stride(0), q2.stride(1), w_q.stride(0),
+        oh2.stride(0), oh2.stride(1), out2.stride(0), out2.stride(1),
+        W_BITS=w_bits, HAS_BIAS=bias is not None and not has_ohat, HAS_OHAT=has_ohat, GEGLU=geglu,
+        ACC_ONLY=acc_only,
+    )
+    return out
+
+
+def _geglu_ref(pre: torch.Tensor) -> torch.Tensor:
+    h, g = pre.chunk(2, dim=-1)
+    return h * F.gelu(g)
+
+
+def _first_step(a_hat, w_q, w_scale, bias, o_hat, w_bits, geglu):
+    """ô_T = â_T @ deQ(W)ᵀ + bias (pre-gate) into o_hat; returns the (gated) output, a fresh tensor."""
+    w = dequantize_linear_weight(w_q, w_scale, w_bits, a_hat.shape[-1]).to(a_hat.dtype)
+    b = bias.to(a_hat.dtype) if bias is not None else None
+    pre = F.linear(a_hat, w, b)
+    o_hat.copy_(pre)
+    res = _geglu_ref(pre.float()) if geglu else pre
+    out = torch.empty(res.shape, dtype=o_hat.dtype, device=res.device)
+    out.copy_(res)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Custom op and debug entry
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fusediff::int8_linear", mutates_args=["o_hat"])
+def int8_linear(
+    q: torch.Tensor,
+    act_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    o_hat: Optional[torch.Tensor],
+    a_hat: Optional[torch.Tensor],
+    primed: Optional[torch.Tensor],
+    w_bits: int,
+    geglu: bool,
+) -> torch.Tensor:
+    """Quantized linear: baseline ``s_a s_w (q @ W_intᵀ) + bias`` or MoDiff eq. (7); optional GEGLU.
+
+    Args:
+        q: int8 (..., K). act_scale: fp32 (T,) per token, (N,) per sample or (1,).
+        w_q, w_scale: from :func:`prepare_linear_weight` ((2F, K) when ``geglu``).
+        bias: (F_total,) or None. o_hat (..., F_total), a_hat (..., K), primed: MoDiff caches or None.
+    Returns:
+        A new (..., F) tensor (F = F_total / 2 with ``geglu``), o_hat's dtype or fp32.
+    """
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+    if o_hat is not None and not bool(primed):
+        _common.record("int8_linear_first_step", "reference")
+        return _first_step(a_hat, w_q, w_scale, bias, o_hat, w_bits, geglu)
+    tensors = [t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None]
+    path = _common.choose_path(*tensors)
+    _common.record("int8_linear", path)
+    if path == "triton":
+        out = _new_out(out_shape, o_hat, q.device)
+        return _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, w_bits, geglu, False)
+    return int8_linear_ref(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+
+
+@int8_linear.register_fake
+def _int8_linear_fake(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu):
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+    return _new_out(out_shape, o_hat, q.device)
+
+
+def int8_linear_acc(q: torch.Tensor, w_q: torch.Tensor, w_bits: int) -> torch.Tensor:
+    """Debug entry: the kernel's raw int32 accumulator ``q @ W_intᵀ`` (..., F_total), ACC_ONLY epilogue."""
+    _, f_total = _check_gemm(q, w_q, w_bits)
+    path = _common.choose_path(q, w_q)
+    _common.record("int8_linear_acc", path)
+    out = torch.empty(tuple(q.shape[:-1]) + (f_total,), dtype=torch.int32, device=q.device)
+    if path == "triton":
+        return _launch(q, None, w_q, None, None, None, out, w_bits, False, True)
+    return int8_linear_acc_ref(q, w_q, w_bits)
+
+
+# ------------------------------------------------------------------------------------------------
+# References
+# ------------------------------------------------------------------------------------------------
+
+
+def int8_linear_acc_ref(q: torch.Tensor, w_q: torch.Tensor, w_bits: int) -> torch.Tensor:
+    """Integer reference: float64 matmul of the integer values (exact below 2^53)."""
+    _check_gemm(q, w_q, w_bits)
+    w_int = unpack_int4(w_q, q.shape[-1]) if w_bits == 4 else w_q
+    return (q.double() @ w_int.double().t()).round().to(torch.int32)
+
+
+def int8_linear_ref(
+    q: torch.Tensor,
+    act_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    o_hat: Optional[torch.Tensor],
+    a_hat: Optional[torch.Tensor],
+    primed: Optional[torch.Tensor],
+    w_bits: int,
+    geglu: bool,
+) -> torch.Tensor:
+    """Reference for ``fusediff::int8_linear`` (mutates ``o_hat`` like the op)."""
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+    if o_hat is not None and not bool(primed):
+        return _first_step(a_hat, w_q, w_scale, bias, o_hat, w_bits, geglu)
+    t = math.prod(q.shape[:-1])
+    acc = int8_linear_acc_ref(q, w_q, w_bits).reshape(t, -1)
+    s_a = act_scale.repeat_interleave(t // act_scale.shape[0]) if t else act_scale[:0]
+    pre = acc.float() * s_a[:, None] * w_scale[None, :]
+    if o_hat is not None:
+        pre = pre + o_hat.reshape(t, -1).float()  # eq. (7)
+        o_hat.copy_(pre.reshape(o_hat.shape))
+    elif bias is not None:
+        pre = pre + bias.float()[None, :]
+    res = _geglu_ref(pre) if geglu else pre
+    out = _new_out(out_shape, o_hat, q.device)
+    out.copy_(res.reshape(out_shape))
+    return out
