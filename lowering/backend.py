@@ -14,12 +14,16 @@ import torch
 import torch.fx as fx
 
 from fxpasses.config import RewriteConfig
-from fxpasses.match import PassResult, run_passes
+from fxpasses.match import PassResult
+from lowering.transform import OptimizeConfig, rewrite_graph
+from lowering.verify import VerifyFailure
 
 log = logging.getLogger("fusediff.lowering")
 
 #: Results of the most recent compilations (newest last), for reports and tests.
 LAST_RESULTS: list[PassResult] = []
+#: Regions verify mode sent back to the original ops, newest last.
+VERIFY_FAILURES: list[VerifyFailure] = []
 _MAX_KEEP = 16
 
 
@@ -34,12 +38,13 @@ def _check_grad_mode(gm: fx.GraphModule) -> None:
             "backward). Run inference under torch.no_grad() or torch.inference_mode().")
 
 
-def make_backend(config: RewriteConfig | None = None, *, inner: str = "inductor",
+def make_backend(config: OptimizeConfig | RewriteConfig | None = None, *, inner: str = "inductor",
                  strict_grad: bool = True) -> Callable[[fx.GraphModule, list], Callable]:
     """Build a dynamo backend.
 
     Args:
-        config: which patterns to rewrite (default: all).
+        config: which patterns to rewrite, selection policy and verify mode
+            (:class:`OptimizeConfig`, or a :class:`RewriteConfig` for the patterns alone).
         inner: ``"inductor"`` (compile the rest) or ``"eager"`` (run the rewritten graph as is;
             useful on CPU where an inductor compile costs a minute).
         strict_grad: raise a clear error when compiled with grad enabled; when False, fall back
@@ -47,7 +52,9 @@ def make_backend(config: RewriteConfig | None = None, *, inner: str = "inductor"
     Returns:
         A callable usable as ``torch.compile(model, backend=...)``.
     """
-    cfg = config or RewriteConfig()
+    cfg = OptimizeConfig(rewrite=config) if isinstance(config, RewriteConfig) else (config or OptimizeConfig())
+    if not isinstance(cfg, OptimizeConfig):
+        raise TypeError(f"fusediff.backend: config must be OptimizeConfig or RewriteConfig, got {type(config).__name__}")
     if inner not in ("inductor", "eager"):
         raise ValueError(f"make_backend: inner must be 'inductor' or 'eager', got {inner!r}")
 
@@ -57,7 +64,11 @@ def make_backend(config: RewriteConfig | None = None, *, inner: str = "inductor"
                 _check_grad_mode(gm)
             log.warning("fusediff: grad enabled, graph left unrewritten")
         else:
-            res = run_passes(gm, cfg)
+            real = [x for x in example_inputs if isinstance(x, torch.Tensor)]
+            fake = any(isinstance(x, torch._subclasses.FakeTensor) for x in real)
+            device = real[0].device if real else torch.device("cpu")
+            res, failures = rewrite_graph(gm, cfg, device, None if fake else list(example_inputs))
+            VERIFY_FAILURES.extend(failures)
             LAST_RESULTS.append(res)
             del LAST_RESULTS[:-_MAX_KEEP]
         if inner == "eager":

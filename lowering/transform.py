@@ -16,9 +16,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from fxpasses.canonicalize import canonicalize
 from fxpasses.capture import capture_export
 from fxpasses.config import RewriteConfig
-from fxpasses.match import PassResult, run_passes
+from fxpasses.match import PassResult, apply_rewrites, find_sites
+from lowering.select import POLICIES, Selector
+from lowering.verify import VerifyFailure, verify_graph
 
 log = logging.getLogger("fusediff.lowering")
 
@@ -32,11 +35,17 @@ class OptimizeConfig:
         on_grad: what to do when called with autograd enabled or in training mode:
             ``"error"`` (raise) or ``"fallback"`` (run the original model, logged once).
         max_signatures: how many input signatures (shapes/dtypes) to keep rewritten graphs for.
+        selection: ``"auto"`` (time fused vs original once per shape on CUDA, cached on disk; keep
+            fused elsewhere), ``"time"``, ``"always"``, ``"never"`` (see lowering/select.py).
+        verify: on the first call of each signature, check every rewritten region against the
+            original math and fall back (with a logged reason) where it is out of tolerance.
     """
 
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     on_grad: str = "fallback"
     max_signatures: int = 8
+    selection: str = "auto"
+    verify: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.rewrite, RewriteConfig):
@@ -45,6 +54,45 @@ class OptimizeConfig:
             raise ValueError(f"OptimizeConfig.on_grad must be 'error' or 'fallback', got {self.on_grad!r}")
         if not isinstance(self.max_signatures, int) or self.max_signatures < 1:
             raise ValueError(f"OptimizeConfig.max_signatures must be an int >= 1, got {self.max_signatures!r}")
+        if self.selection not in POLICIES:
+            raise ValueError(f"OptimizeConfig.selection must be one of {list(POLICIES)}, got {self.selection!r}")
+        if not isinstance(self.verify, bool):
+            raise TypeError(f"OptimizeConfig.verify must be a bool, got {self.verify!r}")
+
+
+def first_device(args: tuple, kwargs: dict) -> torch.device:
+    for x in pytree.tree_leaves((args, kwargs)):
+        if isinstance(x, torch.Tensor):
+            return x.device
+    return torch.device("cpu")
+
+
+def rewrite_graph(gm: fx.GraphModule, config: "OptimizeConfig", device: torch.device,
+                  inputs: list | None = None) -> tuple[PassResult, list[VerifyFailure]]:
+    """Canonicalize, find, select, rewrite and (optionally) verify ``gm`` in place."""
+    res = PassResult(canon=canonicalize(gm))
+    res.sites = find_sites(gm, config.rewrite)
+    Selector(config.selection).apply(res.sites, device)
+    apply_rewrites(gm, res)
+    failures: list[VerifyFailure] = []
+    if config.verify and inputs is not None:
+        failures = verify_graph(gm, inputs)
+        for f in failures:
+            for s in res.sites:
+                if s.rewritten and s.module_path == f.module_path:
+                    s.reason = (s.reason + "; " if s.reason else "") + f"verify failed ({f.reason}): original ops used"
+                    s.attrs["verify_failed"] = True
+    return res, failures
+
+
+def _restore(out: Any, template: Any) -> Any:
+    """Give the flat export output the original's type back (diffusers' ``UNet2DOutput``...)."""
+    if template is None or isinstance(out, torch.Tensor) or isinstance(template, (tuple, list, torch.Tensor)):
+        return out
+    keys = list(template.keys()) if hasattr(template, "keys") else None
+    if keys is not None and isinstance(out, (tuple, list)) and len(out) == len(keys):
+        return type(template)(**dict(zip(keys, out)))
+    return out
 
 
 def _signature(args: tuple, kwargs: dict) -> tuple:
@@ -67,6 +115,7 @@ class OptimizedModule(torch.nn.Module):
         object.__setattr__(self, "_fd_config", config)
         object.__setattr__(self, "_fd_graphs", {})
         object.__setattr__(self, "_fd_warned", False)
+        object.__setattr__(self, "_fd_failures", [])
         # Share parameters, buffers and submodules: state_dict() equals the model's.
         self._modules = model._modules
         self._parameters = model._parameters
@@ -80,14 +129,30 @@ class OptimizedModule(torch.nn.Module):
     @property
     def results(self) -> list[PassResult]:
         """Pass results for each captured signature (what was found and rewritten)."""
-        return [r for _, r in self._fd_graphs.values()]
+        return [r for _, r, _ in self._fd_graphs.values()]
 
     @property
     def graph_modules(self) -> list[fx.GraphModule]:
-        return [g for g, _ in self._fd_graphs.values()]
+        return [g for g, _, _ in self._fd_graphs.values()]
+
+    @property
+    def verify_failures(self) -> list[VerifyFailure]:
+        """Regions verify mode switched back to the original ops (with reasons)."""
+        return list(self._fd_failures)
+
+    def __getattr__(self, name: str) -> Any:
+        # diffusers pipelines read unet.config, unet.dtype, unet.device, ...
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_fd_model"], name)
 
     def capture(self, *args: Any, **kwargs: Any) -> tuple[fx.GraphModule, PassResult]:
         """Capture and rewrite for this input signature (cached)."""
+        gm, res, _ = self._entry(args, kwargs)
+        return gm, res
+
+    def _entry(self, args: tuple, kwargs: dict) -> tuple[fx.GraphModule, PassResult, Any]:
         key = _signature(args, kwargs)
         hit = self._fd_graphs.get(key)
         if hit is not None:
@@ -96,15 +161,23 @@ class OptimizedModule(torch.nn.Module):
         was_training = model.training
         model.eval()
         try:
+            with torch.no_grad():
+                template = model(*args, **kwargs)  # output structure (and dtype) to give back
             gm = capture_export(model, args, kwargs)
         finally:
             model.train(was_training)
-        res = run_passes(gm, self._fd_config.rewrite)
+        flat = None
+        if self._fd_config.verify:
+            import torch.fx._pytree as fx_pytree
+
+            flat = fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
+        res, failures = rewrite_graph(gm, self._fd_config, first_device(args, kwargs), flat)
+        self._fd_failures.extend(failures)
         if len(self._fd_graphs) >= self._fd_config.max_signatures:
             self._fd_graphs.pop(next(iter(self._fd_graphs)))
-        self._fd_graphs[key] = (gm, res)
+        self._fd_graphs[key] = (gm, res, None if isinstance(template, torch.Tensor) else template)
         log.info("fusediff.optimize: new signature captured; rewritten %s", res.rewritten)
-        return gm, res
+        return self._fd_graphs[key]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if torch.is_grad_enabled() or self.training:
@@ -116,8 +189,8 @@ class OptimizedModule(torch.nn.Module):
                 log.warning("fusediff: %s -> running the original model (no fused kernels)", why)
                 object.__setattr__(self, "_fd_warned", True)
             return self._fd_model(*args, **kwargs)
-        gm, _ = self.capture(*args, **kwargs)
-        return gm(*args, **kwargs)
+        gm, _, template = self._entry(args, kwargs)
+        return _restore(gm(*args, **kwargs), template)
 
     def train(self, mode: bool = True) -> "OptimizedModule":
         self._fd_model.train(mode)
