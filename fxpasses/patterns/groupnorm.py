@@ -158,8 +158,10 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
         why = None
         if kin_m is None:
             why = "no shape metadata for the input"
-        elif not isinstance(G, int) or isinstance(eps, fx.Node) or _const(eps) is None:
-            why = "num_groups/eps are not constants (dynamic=True without specialize_float?)"
+        elif not isinstance(G, int):
+            why = "num_groups is not a constant"
+        elif not isinstance(eps, fx.Node) and _const(eps) is None:
+            why = f"eps {eps!r} is not a number"
         elif not cfg.allows_dtype(kin_m.dtype):
             why = f"dtype {kin_m.dtype} not enabled in config"
         elif out_meta is None or out_meta.dtype != kin_m.dtype:
@@ -182,8 +184,9 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
             site.reason = why
         else:
             site.reason = "; ".join(reasons)
+        # eps may be a graph input under dynamic=True (dynamo lifts float attributes): pass it through.
         site.attrs["_plan"] = {"input": kin, "gn": gn, "out": cur, "scale": scale, "shift": shift,
-                               "eps": _const(eps) if why is None else eps}
+                               "eps": eps if isinstance(eps, fx.Node) else _const(eps)}
         sites.append(site)
     return sites
 
@@ -205,7 +208,7 @@ def rewrite(gm: fx.GraphModule, site: Site) -> None:
         new = make_call(
             g, torch.ops.fusediff.group_norm_silu.default,
             (p["input"], c.arg("weight"), c.arg("bias"), scale, shift, int(c.arg("num_groups")),
-             float(p["eps"]), bool(site.attrs["silu"])),
+             p["eps"] if isinstance(p["eps"], fx.Node) else float(p["eps"]), bool(site.attrs["silu"])),
             like=gn, val_=out.meta.get("val"),
         )
     out.replace_all_uses_with(new)

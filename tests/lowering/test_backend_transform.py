@@ -138,3 +138,16 @@ def test_optimize_config_validation():
         fusediff.OptimizeConfig(rewrite="all")
     with pytest.raises(TypeError, match="config"):
         fusediff.optimize(ResnetHalf(), config="fast")
+
+
+def test_backend_dynamic_true_keeps_groupnorm():
+    """dynamic=True lifts GroupNorm's eps into a graph input: it is passed through, not rejected."""
+    torch._dynamo.reset()
+    m = Block().eval()
+    cm = torch.compile(m, backend=fusediff.backend(inner="eager"), dynamic=True)
+    with torch.no_grad():
+        for b in (2, 3):
+            x = torch.randn(b, 16, 5, 6)
+            _close(cm(x), m(x))
+    assert lb.LAST_RESULTS[-1].rewritten == {"groupnorm_silu": 1, "attention": 1, "geglu": 1}
+    torch._dynamo.reset()
