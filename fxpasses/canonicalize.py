@@ -261,6 +261,7 @@ _PATH_RE = [
     (re.compile(r"\._modules\['([^']+)'\]"), r".\1"),
     (re.compile(r"\['([^']+)'\]"), r".\1"),
     (re.compile(r"\[(\d+)\]"), r".\1"),
+    (re.compile(r"\.slice\([^)]*\)"), ""),  # Sequential slices (openaimodel's in_layers[:-1])
 ]
 
 

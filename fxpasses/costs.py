@@ -27,8 +27,10 @@ Counting conventions (the papers' scaling tables, e.g. EDM2+ Tables 1-3, count t
   silu, ``linear_geglu`` = linear + geglu, ``winograd_conv2d`` = the direct 3x3 conv, ...).
 * Bytes: a node reads each distinct tensor input once (weights included) and writes its outputs;
   views (reshape, permute, chunk, getitem, ...) read and write nothing. A ``node.meta`` entry
-  ``"fusediff_flops"`` (int) overrides the FLOP model; ``"fusediff_cache_bytes"`` =
-  ``(read, write)`` adds MoDiff cache traffic.
+  ``"fusediff_flops"`` (int) overrides the FLOP model. Cache traffic (MoDiff's â/ô caches, the
+  cache columns) comes from ``node.meta["fusediff_cache_bytes"] = (read, write)`` when set, else
+  from the op schema: a tensor argument the op mutates (``Tensor(a!) o_hat``) is read and written
+  once per call; a read-only ``*_hat`` argument (first step only) is not counted.
 
 DRAM traffic model (:func:`traffic`, the MoDiff paper's Table 1 columns: weight, activation,
 output, cache read, cache write): every compute node reads its inputs from DRAM and writes its
@@ -36,7 +38,10 @@ outputs to DRAM. In the *fused* estimate, inside a matched :class:`~fxpasses.sit
 intermediate produced and consumed by the site's own nodes is neither written nor read again
 (a value that also leaves the site is still written). No cache reuse between nodes is modelled.
 For a graph that already holds ``fusediff::`` ops the *unfused* column adds back what each fused
-op keeps on chip (its entry's ``fused_away``), so the comparison also works after rewriting.
+op keeps on chip (:func:`fused_away_bytes`: ``node.meta["fusediff_fused_away"] = (read, write)``
+when the rewrite set it, else the op entry's ``fused_away``), so the comparison also works after
+rewriting. Nodes without ``meta["val"]`` (e.g. inserted by a rewrite that did not set it) count
+0 FLOPs and 0 bytes.
 """
 from __future__ import annotations
 
@@ -461,7 +466,9 @@ for _n in ("view", "_unsafe_view", "reshape", "view_as", "permute", "transpose",
            "split_with_sizes", "tensor_split", "chunk", "unbind", "alias", "detach", "getitem",
            "as_strided", "narrow", "movedim", "swapaxes", "swapdims", "diagonal", "real", "imag",
            "view_as_real", "view_as_complex", "squeeze_", "unsqueeze_", "size", "dim", "numel",
-           "stride", "sym_size", "sym_numel", "sym_stride", "lift_fresh_copy", "_assert_tensor_metadata"):
+           "stride", "sym_size", "sym_numel", "sym_stride", "lift_fresh_copy", "_assert_tensor_metadata",
+           # allocations: nothing is written until a consumer writes into them
+           "empty", "empty_like", "new_empty", "empty_strided", "empty_permuted"):
     OP_COSTS[_n] = _VIEW
 for _n in ("cat", "stack", "interpolate", "upsample_nearest2d", "upsample_bilinear2d", "pad",
            "constant_pad_nd", "clone", "contiguous", "to", "_to_copy", "type", "float", "half",
@@ -502,21 +509,143 @@ def _fa_out_multiple(m: int) -> Callable[[fx.Node], tuple[int, int]]:
     return fn
 
 
-# fusediff:: ops. group_norm_silu: unfused GN writes y and SiLU reads it back (+1 out each way).
-# geglu: unfused gelu(gate) writes and mul reads an out-sized tensor. linear_geglu: also the
-# 2F-wide projection (2 outs) is written and read. flash_attention: the baseline is PyTorch's SDPA,
-# already a fused kernel, so nothing is added (an explicit matmul-softmax-matmul site's savings
-# show in the fused estimate of the canonical graph instead).
-OP_COSTS["fusediff::group_norm_silu"] = OpCost(
-    "norm", _per_element(NORM_FLOPS_PER_ELEMENT + POINTWISE_FLOPS_PER_ELEMENT), fused_away=_fa_out_multiple(1))
+# --------------------------------------------------------------------------- fusediff:: ops
+def bound_args(node: fx.Node) -> dict[str, Any]:
+    """Arguments of an OpOverload call bound to their schema names (``{}`` for other targets)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return {}
+    out: dict[str, Any] = {}
+    for i, a in enumerate(schema.arguments):
+        if i < len(node.args):
+            out[a.name] = node.args[i]
+        elif a.name in node.kwargs:
+            out[a.name] = node.kwargs[a.name]
+    return out
+
+
+def _b(node: fx.Node, name: str, default: Any = None) -> Any:
+    return bound_args(node).get(name, default)
+
+
+def _film_silu_steps(node: fx.Node) -> int:
+    """Pointwise steps a fused GroupNorm folds in: FiLM scale-shift (2) and SiLU (1)."""
+    b = bound_args(node)
+    film = 2 if (b.get("scale") is not None or b.get("shift") is not None
+                 or b.get("film_scale") is not None or b.get("film_shift") is not None) else 0
+    return film + (1 if b.get("apply_silu", True) else 0)
+
+
+def _input_nbytes(node: fx.Node, name: str) -> int:
+    v = _tensor(_b(node, name))
+    return _nbytes(v) if v is not None else 0
+
+
+def _gn_silu_flops(node: fx.Node) -> int:
+    return (NORM_FLOPS_PER_ELEMENT + _film_silu_steps(node) * POINTWISE_FLOPS_PER_ELEMENT) * _out_numel(node)
+
+
+def _gn_silu_away(node: fx.Node) -> tuple[int, int]:
+    # unfused, every folded pointwise step writes an out-sized tensor that the next step reads
+    b = output_bytes(node) * _film_silu_steps(node)
+    return b, b
+
+
+def _gn_quant_flops(node: fx.Node) -> int:
+    x = _tensor(_b(node, "x"))
+    n = _numel(x) if x is not None else 0
+    return (NORM_FLOPS_PER_ELEMENT + _film_silu_steps(node) + 4) * n  # + delta, absmax, scale, round
+
+
+def _gn_quant_away(node: fx.Node) -> tuple[int, int]:
+    # unfused: GroupNorm (+FiLM/SiLU) writes a float tensor that the quantizer reads back
+    b = _input_nbytes(node, "x") * (_film_silu_steps(node) + 1)
+    return b, b
+
+
+def _int8_conv_flops(node: fx.Node) -> int:
+    q, out = _tensor(_b(node, "q")), _out(node)
+    k = _b(node, "k_size", 3)
+    if q is None or out is None or not isinstance(k, int):
+        return 0
+    return 2 * _numel(out) * _shape(q)[1] * k * k
+
+
+def _int8_linear_flops(node: fx.Node) -> int:
+    q, out = _tensor(_b(node, "q")), _out(node)
+    if q is None or out is None or not _shape(q):
+        return 0
+    geglu = bool(_b(node, "geglu", False))
+    rows, k = _numel(q) // max(_shape(q)[-1], 1), _shape(q)[-1]
+    n_total = _shape(out)[-1] * (2 if geglu else 1)
+    return 2 * rows * k * n_total + (2 * _numel(out) if geglu else 0)
+
+
+def _int8_linear_away(node: fx.Node) -> tuple[int, int]:
+    if not _b(node, "geglu", False):
+        return 0, 0
+    b = 3 * output_bytes(node)  # the 2F projection and gelu(gate), written and read back
+    return b, b
+
+
+def _winograd_flops(node: fx.Node) -> int:
+    # counted as the direct 3x3 convolution it replaces (the transform saves multiplies, not FLOPs
+    # in the papers' convention); u is the transformed (36, Cin, Cout) weight
+    x, out = _tensor(_b(node, "x", _arg(node, 0))), _out(node)
+    if x is None or out is None:
+        return 0
+    return 2 * _numel(out) * _shape(x)[1] * 9
+
+
+def _softmax_matmul_flops(node: fx.Node) -> int:  # softmax_matmul(s, stats, v) = softmax(s) @ v
+    sv, out = _tensor(_b(node, "s", _arg(node, 0))), _out(node)
+    if sv is None or out is None:
+        return 0
+    return 2 * _numel(out) * _shape(sv)[-1] + 2 * _numel(sv)
+
+
+def _softmax_matmul_away(node: fx.Node) -> tuple[int, int]:
+    # unfused: softmax writes P (s-sized) and the matmul reads it; fused reads s twice (stats pass)
+    return 0, _input_nbytes(node, "s")
+
+
+def _input_elements(k: int, name: str) -> Callable[[fx.Node], int]:
+    def fn(node: fx.Node) -> int:
+        t = _tensor(_b(node, name, _arg(node, 0)))
+        return k * _numel(t) if t is not None else 0
+    return fn
+
+
+def _fa_out_multiple(m: int) -> Callable[[fx.Node], tuple[int, int]]:
+    """``fused_away`` of m*out bytes read and m*out bytes written."""
+    def fn(node: fx.Node) -> tuple[int, int]:
+        b = output_bytes(node)
+        return m * b, m * b
+    return fn
+
+
+# group_norm_silu: unfused GN writes y and SiLU (and FiLM) read it back. geglu: unfused gelu(gate)
+# writes and mul reads an out-sized tensor. linear_geglu: also the 2F-wide projection (2 outs) is
+# written and read. flash_attention: the baseline is PyTorch's SDPA, itself a fused kernel, so
+# nothing is added (an explicit matmul-softmax-matmul site's savings show in the fused estimate
+# of the canonical graph instead). MoDiff caches (o_hat, a_hat) are counted from the schema (see
+# node_cache_bytes), not here.
+OP_COSTS["fusediff::group_norm_silu"] = OpCost("norm", _gn_silu_flops, fused_away=_gn_silu_away)
 OP_COSTS["fusediff::group_norm"] = OpCost("norm", _per_element(NORM_FLOPS_PER_ELEMENT))
+OP_COSTS["fusediff::group_norm_quantize"] = OpCost("norm", _gn_quant_flops, fused_away=_gn_quant_away)
 OP_COSTS["fusediff::flash_attention"] = OpCost("attention", _sdpa_node_flops, fused_away=lambda n: (0, 0))
+OP_COSTS["fusediff::softmax_stats"] = OpCost("attention", _input_elements(3, "s"))
+OP_COSTS["fusediff::softmax_matmul"] = OpCost("attention", _softmax_matmul_flops, fused_away=_softmax_matmul_away)
 OP_COSTS["fusediff::geglu"] = OpCost("other", _per_element(2 * POINTWISE_FLOPS_PER_ELEMENT), fused_away=_fa_out_multiple(1))
 OP_COSTS["fusediff::gelu"] = OpCost("other", _per_element(POINTWISE_FLOPS_PER_ELEMENT))
 OP_COSTS["fusediff::linear_geglu"] = OpCost(
     "linear", lambda n: _fd_linear_like(n, lambda o: 2 * _shape(o)[-1]) + 2 * _out_numel(n),
     fused_away=_fa_out_multiple(3))
-OP_COSTS["fusediff::winograd_conv2d"] = OpCost("conv", _fd_conv)
+OP_COSTS["fusediff::winograd_conv2d"] = OpCost("conv", _winograd_flops)
+OP_COSTS["fusediff::int8_conv2d"] = OpCost("conv", _int8_conv_flops)
+OP_COSTS["fusediff::int8_linear"] = OpCost("linear", _int8_linear_flops, fused_away=_int8_linear_away)
+OP_COSTS["fusediff::quantize_act"] = OpCost("other", _input_elements(3, "a"))
+OP_COSTS["fusediff::modiff_quantize"] = OpCost("other", _input_elements(4, "a"))
 
 
 def register_op_cost(name: str, cost: OpCost) -> None:
@@ -547,11 +676,39 @@ def _heuristic_fusediff(name: str) -> OpCost:
     return _POINTWISE
 
 
+_MAYBE_NOOP = ("to", "type", "float", "half", "bfloat16", "contiguous")
+
+
+def _returns_input(node: fx.Node, name: str) -> bool:
+    """``x.to(x.dtype)``, ``x.float()`` on fp32, ``x.contiguous()`` on a contiguous ``x`` and a
+    one-operand einsum that only permutes return (a view of) their input: no copy."""
+    if name == "einsum":
+        eq, ops = _einsum_operands(node)
+        if eq is None or len(ops) != 1 or "->" not in eq:
+            return False
+        lhs, rhs = (t.replace(" ", "") for t in eq.split("->"))
+        return len(set(lhs)) == len(lhs) and sorted(lhs) == sorted(rhs)
+    src = node.args[0] if node.args else None
+    a, b = _tensor(src), _out(node)
+    if a is None or b is None or a.dtype != b.dtype or _shape(a) != _shape(b):
+        return False
+    if getattr(a, "device", None) != getattr(b, "device", None):
+        return False
+    if name == "contiguous":
+        try:
+            return bool(a.is_contiguous())
+        except Exception:  # TensorMetadata and friends
+            return bool(getattr(a, "is_contiguous", False))
+    return True
+
+
 def op_cost(node: fx.Node) -> OpCost | None:
     """The :class:`OpCost` of a compute node, or None (placeholders, outputs, unknown ops)."""
     if node.op not in ("call_function", "call_method", "call_module"):
         return None
     name = target_name(node)
+    if (name in _MAYBE_NOOP or name == "einsum") and _returns_input(node, name):
+        return _VIEW
     cost = OP_COSTS.get(name)
     if cost is None and name.startswith("fusediff::"):
         cost = _heuristic_fusediff(name)
@@ -709,11 +866,51 @@ def _module_param_bytes(node: fx.Node) -> int:
     return sum(p.numel() * p.element_size() for p in mod.parameters())
 
 
+def _cache_args(node: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """``(mutated, unread)`` cache arguments of a custom op: arguments the schema marks as
+    written (MoDiff's ``o_hat``/``a_hat``: read and written every step) and read-only ``*_hat``
+    arguments (used only on a trajectory's first step, so not read in the steady state)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None or getattr(node.target, "namespace", "aten") in ("aten", "prims"):
+        return [], []  # in-place aten ops (add_, copy_) are ordinary reads and writes
+    mutated, unread = [], []
+    for i, a in enumerate(schema.arguments):
+        v = node.args[i] if i < len(node.args) else node.kwargs.get(a.name)
+        if not isinstance(v, fx.Node):
+            continue
+        if a.alias_info is not None and a.alias_info.is_write:
+            mutated.append(v)
+        elif a.name.endswith("_hat"):
+            unread.append(v)
+    return mutated, unread
+
+
+def node_cache_bytes(node: fx.Node) -> tuple[int, int]:
+    """``(read, write)`` bytes of cache traffic (MoDiff's â / ô caches) of one call.
+
+    ``node.meta["fusediff_cache_bytes"]`` when set; otherwise every tensor argument the op's
+    schema marks as mutated is read and written once.
+    """
+    meta = node.meta.get("fusediff_cache_bytes")
+    if meta is not None:
+        return int(meta[0]), int(meta[1])
+    mutated, _ = _cache_args(node)
+    b = sum(output_bytes(m) for m in dict.fromkeys(mutated))
+    return b, b
+
+
 def _reads(node: fx.Node) -> list[tuple[fx.Node, int]]:
-    """``(input node, bytes)`` for each distinct tensor a compute node reads. Several views of
-    one tensor (``q = k = v = x[:, None]``) are read once."""
+    """``(input node, bytes)`` for each distinct tensor a compute node reads (cache arguments
+    excluded, see :func:`node_cache_bytes`). Several views of one tensor
+    (``q = k = v = x[:, None]``) are read once."""
     out, seen = [], set()
+    mutated, unread = _cache_args(node)
+    skip = set(mutated) | set(unread)
+    if target_name(node) == "baddbmm" and _arg(node, 3, "beta", 1) == 0 and isinstance(node.args[0], fx.Node):
+        skip.add(node.args[0])  # beta=0: the input (diffusers passes torch.empty) is never read
     for i in node.all_input_nodes:
+        if i in skip:
+            continue
         b = _input_bytes(i)
         if not b:
             continue
@@ -735,13 +932,15 @@ def _counts_traffic(node: fx.Node) -> bool:
 
 def node_bytes(node: fx.Node) -> tuple[int, int]:
     """``(read, written)`` bytes of one call: each distinct tensor input (weights included)
-    read once, every output written once. Views, placeholders, get_attr and output cost 0."""
+    read once, every output written once, plus cache traffic (:func:`node_cache_bytes`).
+    Views, placeholders, get_attr and output cost 0."""
     if not _counts_traffic(node):
         return 0, 0
     read = sum(b for _, b in _reads(node))
     if node.op == "call_module":
         read += _module_param_bytes(node)
-    return read, output_bytes(node)
+    cr, cw = node_cache_bytes(node)
+    return read + cr, output_bytes(node) + cw
 
 
 # --------------------------------------------------------------------------- graph totals
@@ -757,6 +956,25 @@ def flops_by_class(gm: fx.GraphModule) -> dict[str, int]:
 
 def graph_flops(gm: fx.GraphModule) -> int:
     return sum(flops_by_class(gm).values())
+
+
+def fused_away_bytes(node: fx.Node) -> tuple[int, int]:
+    """``(read, write)`` bytes the unfused equivalent of a fused op would add (intermediates
+    the fused kernel keeps on chip): ``node.meta["fusediff_fused_away"]`` when a rewrite set it
+    (it knows what it replaced, e.g. an explicit attention's score matrix), else the op's
+    :attr:`OpCost.fused_away`, else ``(0, 0)``."""
+    meta = node.meta.get("fusediff_fused_away")
+    if meta is not None:
+        return int(meta[0]), int(meta[1])
+    c = op_cost(node)
+    if c is None or c.fused_away is None:
+        return 0, 0
+    try:
+        r, w = c.fused_away(node)
+    except Exception as e:  # metadata we cannot read: add nothing, say why
+        log.debug("costs: fused-away bytes of %s not counted: %s", node.name, e)
+        return 0, 0
+    return int(r), int(w)
 
 
 TRAFFIC_COLUMNS: tuple[str, ...] = ("weights", "activations", "outputs", "cache_read", "cache_write")
@@ -832,16 +1050,13 @@ def traffic(gm: fx.GraphModule, sites: Sequence[Any] = ()) -> dict[str, Any]:
             per_site[k] = per_site.get(k, 0) + ob
         else:
             fus["outputs"] += ob
-        cache = n.meta.get("fusediff_cache_bytes")
-        if cache:
-            for d in (unf, fus):
-                d["cache_read"] += int(cache[0])
-                d["cache_write"] += int(cache[1])
-        c = op_cost(n)
-        if c is not None and c.fused_away is not None:
-            r, w = c.fused_away(n)
-            unf["activations"] += int(r)
-            unf["outputs"] += int(w)
+        cr, cw = node_cache_bytes(n)
+        for d in (unf, fus):
+            d["cache_read"] += cr
+            d["cache_write"] += cw
+        away = fused_away_bytes(n)
+        unf["activations"] += away[0]
+        unf["outputs"] += away[1]
     unf["total"] = sum(unf[c] for c in TRAFFIC_COLUMNS)
     fus["total"] = sum(fus[c] for c in TRAFFIC_COLUMNS)
     return {

@@ -72,7 +72,47 @@ def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
+    fill_meta(gm)
     return finish(res)
+
+
+def fill_meta(gm: fx.GraphModule) -> int:
+    """Give nodes inserted by the rewrites a ``meta["val"]`` (fake tensor) from their inputs'.
+
+    Reports and visualization read shapes from it. Best effort: a node whose inputs have no
+    metadata, or whose target fails under fake tensors, is left without. Returns nodes filled.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    mode = next((n.meta["val"].fake_mode for n in gm.graph.nodes
+                 if isinstance(n.meta.get("val"), FakeTensor)), None)
+    if mode is None:
+        return 0
+    filled = 0
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or "val" in n.meta:
+            continue
+        missing = []
+
+        def conv(a):
+            if isinstance(a, fx.Node):
+                v = a.meta.get("val")
+                if v is None:
+                    missing.append(a)
+                return v
+            return a
+
+        args = fx.node.map_aggregate(n.args, conv)
+        kwargs = fx.node.map_aggregate(n.kwargs, conv)
+        if missing:
+            continue
+        try:
+            with mode:
+                n.meta["val"] = n.target(*args, **kwargs)
+            filled += 1
+        except Exception:  # noqa: BLE001 - metadata is best effort
+            continue
+    return filled
 
 
 def finish(res: PassResult) -> PassResult:

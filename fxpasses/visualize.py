@@ -128,9 +128,9 @@ def to_networkx(gm: fx.GraphModule, sites: Sequence[Site] = (), *, params: bool 
     for order, n in enumerate(gm.graph.nodes):
         if not params and (n.op == "get_attr" or (n.op == "placeholder" and costs.is_weight(n))):
             continue
-        if n.op in ("call_function", "call_method", "call_module") and not n.users \
+        if n.op in ("call_function", "call_method", "call_module", "placeholder") and not n.users \
                 and not costs.tensors_of(costs.value(n)):
-            continue  # bookkeeping calls (export's _guards_fn, asserts)
+            continue  # bookkeeping calls (export's _guards_fn, asserts), unused flags (return_dict)
         kept.add(n)
         name = costs.target_name(n)
         shape = costs.shape_of(n)
@@ -140,7 +140,7 @@ def to_networkx(gm: fx.GraphModule, sites: Sequence[Site] = (), *, params: bool 
             "shape": shape, "dtype": str(dt).replace("torch.", "") if dt is not None else "",
             "flops": costs.node_flops(n), "op_class": costs.node_class(n) if costs.is_compute(n) else "",
             "order": order, "fused": name.startswith("fusediff::"), "view_op": costs.is_view(n),
-            "name": n.name,
+            "name": n.name, "param": n.op == "get_attr" or (n.op == "placeholder" and costs.is_weight(n)),
         }
         if attrs["fused"]:
             attrs.update(family=fused_op_family(name), matched=True)
@@ -163,7 +163,7 @@ def _levels(path: str) -> list[str]:
     a list index belongs to the name before it."""
     out: list[str] = []
     for tok in path.split(".") if path else []:
-        if tok.isdigit() and out:
+        if (tok.isdigit() or tok.startswith("slice(")) and out:  # seq[1:] -> "seq.slice(1, None, None)"
             out[-1] += "." + tok
         else:
             out.append(tok)
@@ -178,21 +178,18 @@ def group_key(path: str, depth: int) -> str:
 TOP_LEVEL = "(top level)"
 
 
-def _is_torch_leaf(qualname: str) -> bool:
-    """A module type from ``torch.nn`` (Conv2d, Linear, GroupNorm, Sequential, ...)."""
-    return qualname.startswith("torch.nn.modules.")
-
-
 def collapse(g: nx.DiGraph, depth: int = 2) -> nx.DiGraph:
     """Block-level view: one node per module-path prefix of ``depth`` levels.
 
     Levels count a list index with its name, so depth 2 gives ``down_blocks.0.resnets.1`` (one
-    ResnetBlock2D) and ``mid_block.attentions.0``. A ``torch.nn`` module (Conv2d, Linear,
-    GroupNorm, ...) below the first level joins its parent, so a block is not split into its
-    own ops and its layers (``mid_block.norm1`` -> ``mid_block``, ``time_embedding.linear_1`` ->
-    ``time_embedding``). Graph inputs and the output keep their own nodes; ops outside every
-    module form one ``"(top level)"`` node per contiguous run (so they do not tie distant blocks
-    into cycles).
+    ResnetBlock2D) and ``mid_block.attentions.0``. A layer (a module without sub-modules such as
+    Conv2d, Linear, GroupNorm32, or a torch.nn container of layers) below the first level joins
+    its parent block, so a block is not split into its own ops and its layers
+    (``mid_block.norm1`` -> ``mid_block``, ``input_blocks.1.0.in_layers`` -> ``input_blocks.1.0``,
+    ``time_embedding.linear_1`` -> ``time_embedding``), while sub-blocks stay apart (an up
+    block's ResNets, though the up block runs a ``cat`` of its own). Graph inputs and the output
+    keep their own nodes; ops outside every module form one ``"(top level)"`` node per contiguous
+    run (so they do not tie distant blocks into cycles).
 
     Group attributes: ``label``, ``kind`` (group/input/output), ``module``, ``module_type``,
     ``n_nodes``, ``ops`` (target -> count of compute ops), ``flops``, ``patterns`` (pattern ->
@@ -212,8 +209,11 @@ def collapse(g: nx.DiGraph, depth: int = 2) -> nx.DiGraph:
             qual.setdefault(path, q)
             short.setdefault(path, typ)
 
-    # A torch.nn layer joins its parent when the parent is itself a block: it has compute ops of
-    # its own (a ResnetBlock's residual add) or only torch.nn children (a Sequential of layers).
+    # A layer joins its parent when the parent is itself a block. A *layer* is a module with no
+    # sub-modules in the graph (Linear, GroupNorm32, QKVAttention) or a torch.nn container of
+    # layers (a Sequential in_layers). A *block* has compute ops of its own (a ResBlock's residual
+    # add) or only layers below it. So ResBlock.in_layers and mid_block.norm1 fold into their
+    # block, while an up block's ResNets stay apart even though the up block has a cat of its own.
     direct: set[str] = set()
     children: dict[str, set[str]] = {}
     for _, a in g.nodes(data=True):
@@ -222,33 +222,69 @@ def collapse(g: nx.DiGraph, depth: int = 2) -> nx.DiGraph:
         for path, _, _ in a.get("stack", []):
             lv = _levels(path)
             if len(lv) >= 2:
-                children.setdefault(".".join(lv[:-1]), set()).add(path)
+                children.setdefault(".".join(lv[:-1]), set()).add(".".join(lv))
+    layer_memo: dict[str, bool] = {}
+
+    def is_layer(path: str) -> bool:
+        if path not in layer_memo:
+            kids = children.get(path, set())
+            q = qual.get(path)  # None: a path never called itself (a ModuleList, a slice's parent)
+            container = q is None or q.startswith("torch.nn.modules.container.")
+            layer_memo[path] = not kids or (container and all(is_layer(c) for c in kids))
+        return layer_memo[path]
 
     def is_block(path: str) -> bool:
-        return path in direct or all(_is_torch_leaf(qual.get(c, "")) for c in children.get(path, ()))
+        return path in direct or all(is_layer(c) for c in children.get(path, ()))
 
     def block_of(path: str) -> str:
-        lv = _levels(path)[:depth]
-        while len(lv) >= 2 and _is_torch_leaf(qual.get(".".join(lv), "")) and is_block(".".join(lv[:-1])):
-            lv = lv[:-1]
-        return ".".join(lv)
+        lv = _levels(path)
+        # the deepest enclosing layer (within depth + its layers) that is not part of a block
+        cut = lv[:depth]
+        while len(cut) >= 2 and is_layer(".".join(cut)) and is_block(".".join(cut[:-1])):
+            cut = cut[:-1]
+        return ".".join(cut)
 
+    # Each group is a contiguous run of execution: when a module's own ops resume after one of
+    # its sub-blocks ran (a Transformer's proj_out after its transformer_blocks, the cat before
+    # each ResNet of an up block), they start a new run "path#2" instead of drawing an edge back
+    # into the first run. Top-level ops form one run per stretch between blocks.
     key_of: dict[str, str] = {}
+    base_of: dict[str, str] = {}
     members: dict[str, list[str]] = {}
-    run = 0
-    prev_top = False
+    runs: dict[str, int] = {}
+    last: str | None = None
+    deferred: list[str] = []
     for n, a in sorted(g.nodes(data=True), key=lambda na: na[1]["order"]):
-        if a["op"] == "placeholder":
+        if a["op"] == "placeholder" and not a.get("param"):
             k = f"input:{n}"
         elif a["op"] == "output":
             k = "output"
+        elif a["op"] == "get_attr" or a.get("param"):
+            deferred.append(n)  # parameters join the block of their first consumer
+            continue
+        elif a.get("view_op") and not block_of(a.get("module", "")) and list(g.successors(n)):
+            deferred.append(n)  # so do top-level reshapes (no one-node "view" blocks)
+            continue
         else:
-            k = block_of(a.get("module", ""))
-            if not k:
-                if not prev_top:
-                    run += 1
-                k = f"{TOP_LEVEL}#{run}"
-        prev_top = k.startswith(TOP_LEVEL) or (prev_top and a["op"] == "placeholder")
+            base = block_of(a.get("module", ""))
+            if base not in runs:
+                runs[base] = 1
+            elif last is not None and last != base and (base == "" or last.startswith(base + ".")):
+                runs[base] += 1
+            last = base
+            if base == "":
+                k = f"{TOP_LEVEL}#{runs[base]}"
+            else:
+                k = base if runs[base] == 1 else f"{base}#{runs[base]}"
+            base_of[k] = base
+        key_of[n] = k
+        members.setdefault(k, []).append(n)
+    for n in reversed(deferred):  # reversed: a chain of views resolves from its consumer end
+        users = sorted(g.successors(n), key=lambda u: g.nodes[u]["order"])
+        k = key_of.get(users[0]) if users else None
+        if k is None:
+            k = f"{TOP_LEVEL}#0"
+            base_of[k] = ""
         key_of[n] = k
         members.setdefault(k, []).append(n)
     for k, ns in members.items():
@@ -277,10 +313,11 @@ def collapse(g: nx.DiGraph, depth: int = 2) -> nx.DiGraph:
             label = ", ".join(dict.fromkeys(a["target"] for a in attrs if not a.get("view_op"))) or "view"
             label = label if len(label) <= 40 else label[:37] + "..."
         else:
-            kind, label = "group", k
+            kind, label = "group", k.replace("#", " (") + ")" if "#" in k else k
+            mtype = short.get(base_of[k], "")
         last_shape = next((a["shape"] for a in reversed(attrs) if a.get("shape")), None)
         b.add_node(k, label=label, kind=kind, op=attrs[0]["op"] if kind != "group" else "group",
-                   module=k if kind == "group" and not k.startswith(TOP_LEVEL) else "", module_type=mtype, n_nodes=len(ns), ops=dict(ops),
+                   module=base_of.get(k, ""), module_type=mtype, n_nodes=len(ns), ops=dict(ops),
                    flops=sum(a.get("flops", 0) for a in attrs), patterns=pats, families=families,
                    fused_ops=dict(fused), matched=matched, shape=last_shape,
                    order=min(a["order"] for a in attrs), members=ns)
@@ -315,6 +352,8 @@ def _shape_str(shape: Any) -> str:
 def _style(a: dict[str, Any]) -> dict[str, Any]:
     """fill, border, dashed, bold, shape for a node of either view."""
     kind = a.get("kind") or ("input" if a["op"] == "placeholder" else "output" if a["op"] == "output" else "node")
+    if kind == "stub":
+        return {"fill": "#ffffff", "border": "#a0a0a0", "dashed": True, "bold": False, "shape": "box", "stub": True}
     if kind in ("input", "output"):
         return {"fill": IO_COLORS[0], "border": IO_COLORS[1], "dashed": False, "bold": False, "shape": "ellipse"}
     matched = a.get("matched")
@@ -329,6 +368,8 @@ def _style(a: dict[str, Any]) -> dict[str, Any]:
 
 
 def _label_lines(a: dict[str, Any]) -> list[str]:
+    if a.get("kind") == "stub":
+        return [a["label"]]
     if a.get("kind") in ("group", "input", "output"):
         if a["kind"] != "group":
             return [a["label"], _shape_str(a.get("shape"))] if a.get("shape") else [a["label"]]
@@ -336,8 +377,12 @@ def _label_lines(a: dict[str, Any]) -> list[str]:
         meta = []
         if a.get("module_type"):
             meta.append(a["module_type"])
-        n_ops = sum(a.get("ops", {}).values())
-        meta.append(f"{n_ops} op" + ("" if n_ops == 1 else "s"))
+        ops = a.get("ops", {})
+        n_ops = sum(ops.values())
+        if 0 < len(ops) <= 2 and n_ops <= 3 and a.get("module_type") != TOP_LEVEL:
+            meta.append(", ".join(f"{k}" if c == 1 else f"{k} ×{c}" for k, c in ops.items()))
+        else:
+            meta.append(f"{n_ops} op" + ("" if n_ops == 1 else "s"))
         if a.get("flops"):
             meta.append(_fmt_flops(a["flops"]))
         lines.append(" · ".join(meta))
@@ -362,6 +407,9 @@ def _label_lines(a: dict[str, Any]) -> list[str]:
 
 
 def _tooltip(n: str, a: dict[str, Any]) -> str:
+    if a.get("kind") == "stub":
+        return f"value of {a['stub_of']} (edge drawn as a stub)" + (
+            f": {_shape_str(a['shape'])}" if a.get("shape") else "")
     if a.get("kind") == "group":
         parts = [a["label"]]
         if a.get("module_type"):
@@ -383,20 +431,35 @@ def _tooltip(n: str, a: dict[str, Any]) -> str:
 
 
 def _clusters(g: nx.DiGraph) -> list[dict[str, Any]]:
-    """Clusters to draw: one per site (full view) or per parent module (block view)."""
+    """Clusters to draw: one per site (full view), or one per module that holds at least two
+    blocks (block view; nested, ``parent`` names the enclosing cluster's id). Each cluster has
+    ``id``, ``label``, ``members`` (every node inside, nested clusters' too), ``parent``,
+    ``height`` (levels of clusters nested inside), ``fill``, ``border``, ``dashed``."""
     out: list[dict[str, Any]] = []
     if g.graph.get("view") == "blocks":
-        parents: dict[str, list[str]] = {}
+        inside: dict[str, list[str]] = {}
         for n, a in g.nodes(data=True):
-            if a.get("kind") != "group":
+            if a.get("kind") != "group" or not a.get("module"):
                 continue
-            lv = _levels(a.get("module", ""))
-            if len(lv) >= 2:
-                parents.setdefault(".".join(lv[:-1]), []).append(n)
-        for i, (p, ns) in enumerate(sorted(parents.items(), key=lambda kv: min(g.nodes[x]["order"] for x in kv[1]))):
-            if len(ns) >= 2:
-                out.append({"id": f"cluster_mod_{i}", "label": p, "members": ns, "fill": "#fafafa",
-                            "border": "#c8c8c8", "dashed": False})
+            lv = _levels(a["module"])
+            for k in range(1, len(lv) + 1):
+                inside.setdefault(".".join(lv[:k]), []).append(n)
+        # a module is a cluster when it holds two blocks and is not just one block's own runs
+        paths = [p for p, ns in inside.items()
+                 if len(ns) >= 2 and any(g.nodes[m]["module"] != p for m in ns)]
+        paths.sort(key=lambda p: (min(g.nodes[m]["order"] for m in inside[p]), len(_levels(p))))
+        ids = {p: f"cluster_mod_{i}" for i, p in enumerate(paths)}
+        for p in paths:
+            lv = _levels(p)
+            parent = next((".".join(lv[:k]) for k in range(len(lv) - 1, 0, -1) if ".".join(lv[:k]) in ids), None)
+            out.append({"id": ids[p], "label": p, "members": inside[p], "parent": ids.get(parent) if parent else None,
+                        "fill": "#fafafa", "border": "#c8c8c8", "dashed": False})
+        heights = {c["id"]: 0 for c in out}
+        for c in sorted(out, key=lambda c: -len(_levels(c["label"]))):
+            if c["parent"]:
+                heights[c["parent"]] = max(heights[c["parent"]], heights[c["id"]] + 1)
+        for c in out:
+            c["height"] = heights[c["id"]]
         return out
     by_site: dict[int, list[str]] = {}
     for n, a in g.nodes(data=True):
@@ -412,7 +475,7 @@ def _clusters(g: nx.DiGraph) -> list[dict[str, Any]]:
             fill, border = "#f7f7f7", REJECTED_COLORS[1]
             label = f"#{i} {s['pattern']} (rejected)"
         out.append({"id": f"cluster_site_{i}", "label": label, "members": ns, "fill": _lighten(fill),
-                    "border": border, "dashed": not s["matched"]})
+                    "border": border, "dashed": not s["matched"], "parent": None, "height": 0})
     return out
 
 
@@ -428,17 +491,30 @@ def _q(s: Any) -> str:
     return '"' + str(s).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
-def to_dot(g: nx.DiGraph) -> str:
+#: Above this many nodes (after stubs) ``dot``'s layout gets slow (minutes, even crashes at a few
+#: thousand); ``write_svg(renderer="auto")`` then uses the built-in layout.
+DOT_MAX_NODES = 1500
+#: Above this many nodes the DOT text asks Graphviz for a cheaper layout and drops edge labels.
+DOT_LARGE = 150
+
+
+def to_dot(g: nx.DiGraph, *, stubs: bool = True) -> str:
     """Graphviz DOT text of a :func:`to_networkx` or :func:`collapse` graph (no pydot needed).
 
     Matched nodes are filled with their family color, rejected sites grey and dashed, fused
     ``fusediff::`` ops bold; sites (full view) or parent modules (block view) are clusters.
+    With ``stubs`` long edges out of hub nodes are drawn as stubs (see :func:`with_stubs`).
     """
+    if stubs:
+        g = with_stubs(g)
     blocks = g.graph.get("view") == "blocks"
+    large = g.number_of_nodes() > DOT_LARGE
     lines = ["digraph fusediff {"]
     title = g.graph.get("title") or ("fusediff block view" if blocks else "fusediff graph")
+    # network simplex dominates dot's time on long graphs; one pass per node is plenty there
+    cheap = ", nslimit=1, nslimit1=1, mclimit=0.5" if large else ""
     lines.append(f"  graph [rankdir=TB, fontname={_q(FONT)}, fontsize=12, labelloc=t, label={_q(title)}, "
-                 f"nodesep=0.25, ranksep={0.45 if blocks else 0.3}, newrank=true];")
+                 f"nodesep=0.25, ranksep={0.45 if blocks else 0.3}, newrank=true{cheap}];")
     lines.append(f"  node [shape=box, style=\"rounded,filled\", fontname={_q(FONT)}, fontsize={10 if blocks else 9}, "
                  f"margin=\"0.12,0.04\", height=0.3];")
     lines.append(f"  edge [color=\"#8a8a8a\", arrowsize=0.6, fontname={_q(FONT)}, fontsize=8, fontcolor=\"#777777\"];")
@@ -462,29 +538,44 @@ def to_dot(g: nx.DiGraph) -> str:
             attrs.append("penwidth=2.2")
         elif a.get("matched"):
             attrs.append("penwidth=1.4")
+        if st.get("stub"):
+            attrs += ["fontsize=8", 'fontcolor="#666666"', "height=0.2"]
         return f"{indent}{ids[n]} [{', '.join(attrs)}];"
 
-    for c in _clusters(g):
-        members = [m for m in c["members"] if m not in placed]
-        if not members:
-            continue
+    clusters = _clusters(g)
+    children: dict[str | None, list[dict[str, Any]]] = {}
+    for c in clusters:
+        children.setdefault(c["parent"], []).append(c)
+    # a node belongs to the innermost cluster that contains it (sites: the first one)
+    home: dict[str, str] = {}
+    for c in sorted(clusters, key=lambda c: c["height"]):
+        for m in c["members"]:
+            home.setdefault(m, c["id"])
+
+    def emit(c: dict[str, Any], indent: str) -> None:
         style = "rounded,filled,dashed" if c["dashed"] else "rounded,filled"
-        lines.append(f"  subgraph {c['id']} {{")
-        lines.append(f"    label={_q(c['label'])}; labeljust=l; fontsize=9; style={_q(style)}; "
+        lines.append(f"{indent}subgraph {c['id']} {{")
+        lines.append(f"{indent}  label={_q(c['label'])}; labeljust=l; fontsize=9; style={_q(style)}; "
                      f"fillcolor={_q(c['fill'])}; color={_q(c['border'])};")
-        for m in members:
-            lines.append(node_line(m, "    "))
-            placed.add(m)
-        lines.append("  }")
+        for m in c["members"]:
+            if home.get(m) == c["id"] and m not in placed:
+                lines.append(node_line(m, indent + "  "))
+                placed.add(m)
+        for sub in children.get(c["id"], []):
+            emit(sub, indent + "  ")
+        lines.append(f"{indent}}}")
+
+    for c in children.get(None, []):
+        emit(c, "  ")
     for n in g.nodes:
         if n not in placed:
             lines.append(node_line(n, "  "))
     for u, v, a in g.edges(data=True):
         attrs = []
-        if blocks and a.get("shape") is not None:
+        if blocks and not large and a.get("shape") is not None:
             attrs.append(f"label={_q(' ' + _shape_str(a['shape']))}")
         if g.nodes[u].get("order", 0) > g.nodes[v].get("order", 0):
-            attrs.append("style=dashed")
+            attrs += ["style=dashed", "constraint=false"]  # a back edge must not drive the ranking
         lines.append(f"  {ids[u]} -> {ids[v]}" + (f" [{', '.join(attrs)}]" if attrs else "") + ";")
     lines.append("}")
     return "\n".join(lines) + "\n"
@@ -502,8 +593,11 @@ def _node_size(lines: list[str], blocks: bool, shape: str) -> tuple[float, float
     return max(w, 40.0), h
 
 
-def _layout(g: nx.DiGraph, blocks: bool) -> dict[str, Any]:
-    """Layered layout: layers, dummy chains for long edges, barycenter ordering, x placement."""
+def _layering(g: nx.DiGraph) -> tuple[dict[Any, int], nx.DiGraph, set[tuple[Any, Any]]]:
+    """Layer of every node: edges against the ``order`` attribute are reversed to get a DAG,
+    layers are networkx topological generations, then each node is pulled down to just above
+    its first consumer (generations place everything as early as possible, which stretches
+    side branches such as a text context's K/V projections over the whole picture)."""
     order = {n: g.nodes[n].get("order", i) for i, n in enumerate(g.nodes)}
     dag = nx.DiGraph()
     dag.add_nodes_from(g.nodes)
@@ -520,13 +614,55 @@ def _layout(g: nx.DiGraph, blocks: bool) -> dict[str, Any]:
         for n in gen:
             layer[n] = i
             topo.append(n)
-    # Generations place every node as early as possible; pull each node down to just above its
-    # first consumer so side branches (K/V projections of a text context, time-embedding
-    # projections) sit next to where they are used instead of stretching long edges.
     for n in reversed(topo):
         succ = list(dag.successors(n))
         if succ:
             layer[n] = max(layer[n], min(layer[m] for m in succ) - 1)
+    return layer, dag, reversed_edges
+
+
+#: A node feeding at least this many consumers is a hub (time embedding, text context).
+HUB_FANOUT = 4
+#: Edges from a hub spanning more than this many layers are drawn as a stub next to the consumer.
+HUB_MAX_SPAN = 2
+#: Edges longer than this many layers get no dummy nodes in the built-in layout (drawn as curves).
+MAX_DUMMY_SPAN = 40
+
+
+def with_stubs(g: nx.DiGraph, *, fanout: int = HUB_FANOUT, max_span: int = HUB_MAX_SPAN) -> nx.DiGraph:
+    """A copy of ``g`` where long edges out of hub nodes are replaced by small stub nodes
+    placed next to each consumer (``"↪ temb"``), as circuit diagrams label a shared net.
+
+    Hubs are nodes with at least ``fanout`` consumers; an edge is replaced when it spans more
+    than ``max_span`` layers. Without this, a time embedding feeding every ResNet block or a text
+    context feeding every cross-attention draws dozens of edges across the whole picture (and
+    makes Graphviz's layout take minutes).
+    """
+    h = g.copy()
+    layer, _, _ = _layering(g)
+    for u in list(g.nodes):
+        if g.out_degree(u) < fanout:
+            continue
+        src = g.nodes[u]
+        src_label = src.get("label") if src.get("kind") else src.get("name", u)
+        if src.get("kind") is None and src.get("op") not in ("placeholder",):
+            src_label = f"{src.get('target', '')} ({u})"
+        for v in list(g.successors(u)):
+            if layer[v] - layer[u] <= max_span:
+                continue
+            stub = f"stub:{u}->{v}"
+            h.add_node(stub, kind="stub", op="stub", label=f"↪ {src_label}", stub_of=u,
+                       order=g.nodes[v].get("order", 0) - 0.5, shape=src.get("shape"))
+            data = dict(g.edges[u, v])
+            h.remove_edge(u, v)
+            h.add_edge(stub, v, **data)
+    return h
+
+
+def _layout(g: nx.DiGraph, blocks: bool) -> dict[str, Any]:
+    """Layered layout: layers, dummy chains for long edges, barycenter ordering, x placement."""
+    order = {n: g.nodes[n].get("order", i) for i, n in enumerate(g.nodes)}
+    layer, dag, reversed_edges = _layering(g)
     # dummies: one per intermediate layer of each long edge
     chains: dict[tuple[str, str], list[Any]] = {}
     up: dict[Any, list[Any]] = {n: [] for n in dag.nodes}
@@ -534,7 +670,8 @@ def _layout(g: nx.DiGraph, blocks: bool) -> dict[str, Any]:
     dummy_order: dict[Any, float] = {}
     for u, v in dag.edges:
         chain = [u]
-        for k in range(layer[u] + 1, layer[v]):
+        span = range(layer[u] + 1, layer[v]) if layer[v] - layer[u] <= MAX_DUMMY_SPAN else range(0)
+        for k in span:
             d = ("__dummy__", u, v, k)
             layer[d] = k
             dummy_order[d] = order[u] + 0.5
@@ -571,7 +708,10 @@ def _layout(g: nx.DiGraph, blocks: bool) -> dict[str, Any]:
         a.setdefault("name", n)
         lines[n] = _label_lines(a)
         styles[n] = _style(a)
-        size[n] = _node_size(lines[n], blocks, styles[n]["shape"])
+        if styles[n].get("stub"):
+            size[n] = (max(len(lines[n][0]) * 4.7 + 12, 30.0), 16.0)
+        else:
+            size[n] = _node_size(lines[n], blocks, styles[n]["shape"])
     for lv in layers:
         for n in lv:
             if n not in size:
@@ -588,32 +728,58 @@ def _layout(g: nx.DiGraph, blocks: bool) -> dict[str, Any]:
         shift = cur / 2
         for n in lv:
             x[n] -= shift
-    for it in range(6):
+    pull: dict[Any, float] = {}
+    for lv in layers:
+        for n in lv:
+            if isinstance(n, tuple):
+                pull[n] = 0.05
+            elif styles[n].get("stub") or styles[n]["shape"] == "ellipse":
+                pull[n] = 0.0
+            else:
+                pull[n] = 1.0
+    for it in range(7):  # ends with a top-down pass
         rng = range(n_layers) if it % 2 == 0 else range(n_layers - 1, -1, -1)
         nbrs = up if it % 2 == 0 else down
         for li in rng:
             lv = layers[li]
-            want = [sum(x[m] for m in nbrs[n]) / len(nbrs[n]) if nbrs[n] else x[n] for n in lv]
-            left = []
-            edge = -1e18
-            for n, w in zip(lv, want):
-                xi = max(w, edge + size[n][0] / 2)
-                left.append(xi)
-                edge = xi + size[n][0] / 2 + gap
-            right = [0.0] * len(lv)
-            edge = 1e18
-            for j in range(len(lv) - 1, -1, -1):
-                n = lv[j]
-                xi = min(want[j], edge - size[n][0] / 2)
-                right[j] = xi
-                edge = xi - size[n][0] / 2 - gap
-            placed = [(lft + rgt) / 2 for lft, rgt in zip(left, right)]
-            # averaging may re-create overlaps: one final left-to-right pass
-            edge = -1e18
+            want = []
+            for n in lv:
+                if styles.get(n, {}).get("stub") and down[n]:  # hang above the consumer's right edge
+                    c = down[n][0]
+                    want.append(x[c] + size[c][0] / 2)
+                    continue
+                # weighted mean of the neighbors' x: stubs and graph inputs hang beside their
+                # consumer and must not pull it sideways; long-edge dummies barely pull (they
+                # route around the real nodes, which keeps chains straight)
+                ws = [(x[m], pull[m]) for m in nbrs[n]]
+                tot = sum(w_ for _, w_ in ws)
+                if tot > 0:
+                    want.append(sum(xm * w_ for xm, w_ in ws) / tot)
+                else:
+                    want.append(sum(xm for xm, _ in ws) / len(ws) if ws else x[n])
+            # priority method: real nodes take their wanted x first, dummies and stubs fill in
+            # around them; every node keeps its order and room for the unplaced ones between.
+            k = len(lv)
+            widths = [size[n][0] for n in lv]
+            pre = [0.0]
+            for w_ in widths:
+                pre.append(pre[-1] + w_)
+            prio = sorted(range(k), key=lambda j: (
+                0 if isinstance(lv[j], tuple) or styles.get(lv[j], {}).get("stub") else 1,
+                len(up[lv[j]]) + len(down[lv[j]])), reverse=True)
+            done: dict[int, float] = {}
+            for j in prio:
+                lo, hi = -1e18, 1e18
+                for i, xi in done.items():
+                    room = (pre[max(i, j)] - pre[min(i, j) + 1]) + abs(j - i) * gap + (widths[i] + widths[j]) / 2
+                    if i < j:
+                        lo = max(lo, xi + room)
+                    else:
+                        hi = min(hi, xi - room)
+                xj = min(max(want[j], lo), hi) if lo <= hi else lo
+                done[j] = xj
             for j, n in enumerate(lv):
-                xi = max(placed[j], edge + size[n][0] / 2)
-                x[n] = xi
-                edge = xi + size[n][0] / 2 + gap
+                x[n] = done[j]
     layer_h = [max((size[n][1] for n in lv), default=0.0) for lv in layers]
     vgap = 34.0 if blocks else 24.0
     y: dict[Any, float] = {}
@@ -630,8 +796,10 @@ def _e(s: Any) -> str:
     return html.escape(str(s), quote=True)
 
 
-def render_svg(g: nx.DiGraph) -> str:
+def render_svg(g: nx.DiGraph, *, stubs: bool = True) -> str:
     """SVG text of ``g`` from the built-in pure-Python layered layout (no Graphviz)."""
+    if stubs:
+        g = with_stubs(g)
     blocks = g.graph.get("view") == "blocks"
     lay = _layout(g, blocks)
     x, y, size = lay["x"], lay["y"], lay["size"]
@@ -645,12 +813,12 @@ def render_svg(g: nx.DiGraph) -> str:
     else:
         min_x = max_x = 0.0
     clusters = _clusters(g)
-    pad = 10.0
     boxes = []
-    for c in clusters:
+    for c in sorted(clusters, key=lambda c: -c["height"]):  # outer boxes first, drawn below
         ms = [m for m in c["members"] if m in x]
         if not ms:
             continue
+        pad = 10.0 + 8.0 * c["height"]
         x0 = min(x[m] - size[m][0] / 2 for m in ms) - pad
         x1 = max(x[m] + size[m][0] / 2 for m in ms) + pad
         y0 = min(y[m] - size[m][1] / 2 for m in ms) - pad - 11
@@ -708,7 +876,7 @@ def render_svg(g: nx.DiGraph) -> str:
         src, dst = (v, u) if rev else (u, v)
         tip = _shape_str(g.edges[src, dst].get("shape")) if g.has_edge(src, dst) else ""
         out.append(f'<path d="{d}"{marker}{dash}><title>{_e(src)} → {_e(dst)} {_e(tip)}</title></path>')
-        if blocks and tip and len(chain) == 2:
+        if blocks and tip and len(chain) == 2 and g.in_degree(dst) == 1 and g.out_degree(src) == 1:
             lx, ly = (pts[0][0] + pts[1][0]) / 2, (pts[0][1] + pts[1][1]) / 2
             out.append(f'<text x="{X(lx) + 4}" y="{Y(ly) + 3}" font-size="8" fill="#777777" stroke="none">'
                        f'{_e(tip)}</text>')
@@ -728,6 +896,10 @@ def render_svg(g: nx.DiGraph) -> str:
             shape = f'<rect x="{cx - w / 2:.1f}" y="{cy - h / 2:.1f}" width="{w:.1f}" height="{h:.1f}" rx="5" {common}/>'
         ls = lay["lines"][n]
         y0 = cy - (len(ls) - 1) * lh / 2 + fs * 0.35
+        if st.get("stub"):
+            out.append(f'<g class="stub"><title>{_e(_tooltip(n, a))}</title>{shape}<text x="{cx}" y="{cy + 3:.1f}" '
+                       f'text-anchor="middle" font-size="8" fill="#666666">{_e(ls[0])}</text></g>')
+            continue
         texts = []
         for i, s in enumerate(ls):
             weight = ' font-weight="bold"' if i == 0 else ""
@@ -763,6 +935,10 @@ def _svg_text(g: nx.DiGraph, renderer: str = "auto", timeout: float = 120.0) -> 
     used = "builtin"
     svg = None
     dot = shutil.which("dot")
+    if renderer == "auto" and dot and g.number_of_nodes() > DOT_MAX_NODES:
+        log.info("visualize: %d nodes > DOT_MAX_NODES=%d: using the built-in layout instead of graphviz "
+                 "(the block view is the picture to read for a graph this size)", g.number_of_nodes(), DOT_MAX_NODES)
+        dot = None
     if renderer in ("auto", "graphviz") and dot:
         try:
             proc = subprocess.run([dot, "-Tsvg"], input=to_dot(g).encode("utf-8"), capture_output=True,
@@ -771,7 +947,7 @@ def _svg_text(g: nx.DiGraph, renderer: str = "auto", timeout: float = 120.0) -> 
             used = "graphviz"
         except (subprocess.SubprocessError, OSError) as e:
             log.warning("visualize: graphviz dot failed (%s); using the built-in layout", str(e)[:200])
-    elif renderer == "graphviz":
+    elif renderer == "graphviz" and not shutil.which("dot"):
         log.warning("visualize: graphviz dot is not on PATH; using the built-in layout")
     if svg is None:
         svg = render_svg(g)

@@ -444,6 +444,14 @@ def rewrite(gm: fx.GraphModule, site: Site) -> None:
             m4 = _to_bhld(g, p["mask"], p["mask_sub"], b, i, j, out_node)
         # softmax(q.k^T * s + m) @ v -> flash_attention(q, k, v, m, s)
         o4 = make_call(g, fa, (q4, k4, v4, m4, float(p["scale"])), like=out_node)
+        # what the unfused form moved through DRAM and the kernel keeps on chip: the score matrix
+        # written by q.k^T and read by softmax, the probabilities written by softmax and read by p.v
+        q_shape, k_shape = site.shapes["q"], site.shapes["k"]
+        n_scores = 1
+        for d_ in tuple(q_shape[:-1]) + (k_shape[-2],):
+            n_scores *= int(d_)
+        item = tensor_meta(out_node).element_size() if tensor_meta(out_node) is not None else 4
+        o4.meta["fusediff_fused_away"] = (2 * n_scores * item, 2 * n_scores * item)
         o = o4
         for _ in range(2 - len(b)):
             o = make_call(g, torch.squeeze, (o, 0), like=out_node)
