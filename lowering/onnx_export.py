@@ -379,16 +379,15 @@ def fused_ops_in(gm: fx.GraphModule) -> list[str]:
     out: dict[str, None] = {}
     for n in gm.graph.nodes:
         t = n.target
-        if n.op == "call_function" and isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) \
-                and getattr(t, "namespace", "") == "fusediff":
-            out[f"fusediff::{t._opname if hasattr(t, '_opname') else t.__name__.split('.')[0]}"] = None
+        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == "fusediff":
+            out[t._schema.name] = None
     return list(out)
 
 
 def check_translatable(gm: fx.GraphModule, table: dict[Any, Callable] | None = None) -> None:
     """Raise :class:`UnsupportedOpError` naming the first fusediff op of ``gm`` without a translation."""
     table = translation_table() if table is None else table
-    known = {f"fusediff::{t._opname}" for t in table}
+    known = {t._schema.name for t in table}
     for name in fused_ops_in(gm):
         if name not in known:
             raise UnsupportedOpError(name)
@@ -547,18 +546,26 @@ def export_graph(prep: Prepared, path: str | os.PathLike, *, opset: int = DEFAUL
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ep = _exported_program(prep)
     external = _param_bytes(prep.gm) > EXTERNAL_DATA_BYTES
+    reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
+    old_level = reg_log.level
+    reg_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
     try:
         with torch.no_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*training mode.*")
             prog = torch.onnx.export(ep, prep.args, kwargs=prep.kwargs, dynamo=True, opset_version=opset,
-                                     custom_translation_table=table, optimize=False, external_data=external)
+                                     custom_translation_table=table, optimize=False, external_data=external,
+                                     verbose=False)
     except Exception as e:  # noqa: BLE001
         raise OnnxExportError(f"export_onnx: torch.onnx.export failed: {e}") from e
+    finally:
+        reg_log.setLevel(old_level)
     if optimize:
         _optimize(prog.model)
     _trim_unused_outputs(prog.model)
     prog.save(path, external_data=external)
     model = onnx.load(path, load_external_data=False)
+    if _name_dynamic_dims(model):
+        onnx.save(model, path)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(model.graph) if n.domain not in ("", "ai.onnx")})
     if custom:
         raise OnnxExportError(f"export_onnx: {path} contains non-standard nodes {custom}")
@@ -569,6 +576,45 @@ def export_graph(prep: Prepared, path: str | os.PathLike, *, opset: int = DEFAUL
             raise OnnxExportError(f"export_onnx: onnx.checker rejected {path}: {e}") from e
     log.info("export_onnx: wrote %s (opset %d, %d nodes)", path, opset, len(model.graph.node))
     return path
+
+
+def _name_dynamic_dims(model) -> dict[str, str]:
+    """Rename torch's symbols (``s53``) to ``batch`` / ``height`` / ``width`` everywhere in ``model``.
+
+    Dim 0 of the inputs gives ``batch`` (a second, independent batch symbol ``batch_<input>``);
+    dims 2 and 3 of rank-4 inputs give ``height``/``width`` (``<input>_height`` for others).
+    Expressions such as ``2*s53`` are rewritten too. Returns the renaming.
+    """
+    import re
+
+    ren: dict[str, str] = {}
+    taken: set[str] = set()
+
+    def claim(sym: str, want: str) -> None:
+        if not sym or sym in ren or not re.fullmatch(r"[A-Za-z_]\w*", sym):
+            return
+        name = want
+        while name in taken:
+            name += "_"
+        ren[sym] = name
+        taken.add(name)
+
+    for vi in model.graph.input:
+        dims = vi.type.tensor_type.shape.dim
+        if len(dims) >= 1 and dims[0].dim_param:
+            claim(dims[0].dim_param, "batch" if "batch" not in taken else f"batch_{vi.name}")
+        if len(dims) == 4:
+            for i, what in ((2, "height"), (3, "width")):
+                if dims[i].dim_param:
+                    claim(dims[i].dim_param, what if what not in taken else f"{vi.name}_{what}")
+    if not ren:
+        return ren
+    rx = re.compile(r"\b(" + "|".join(map(re.escape, sorted(ren, key=len, reverse=True))) + r")\b")
+    for vi in list(model.graph.input) + list(model.graph.output) + list(model.graph.value_info):
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param:
+                d.dim_param = rx.sub(lambda m: ren[m.group(1)], d.dim_param)
+    return ren
 
 
 def _trim_unused_outputs(model) -> None:
@@ -672,6 +718,46 @@ def run_onnx(path: str | os.PathLike, *inputs: Any, session=None) -> list[np.nda
     return list(sess.run(None, feed))
 
 
+def compare_latency(model: torch.nn.Module, args: tuple, kwargs: dict | None, path: str | os.PathLike, *,
+                    threads: int | None = None, warmup: int = 3, reps: int = 20) -> dict[str, float]:
+    """CPU latency of PyTorch eager ``model(*args, **kwargs)`` vs onnxruntime on ``path``.
+
+    Both run with the same intra-op thread count (``threads``; default: torch's current one),
+    under ``torch.no_grad()``, ``warmup`` untimed calls then ``reps`` timed ones
+    (``time.perf_counter``). Returns ``{"threads", "eager_ms", "eager_min_ms", "ort_ms",
+    "ort_min_ms", "speedup"}`` (medians unless ``_min``; speedup = eager median / ORT median).
+    """
+    import statistics
+    import time
+
+    kwargs = dict(kwargs or {})
+    threads = threads or torch.get_num_threads()
+
+    def timed(fn) -> list[float]:
+        for _ in range(warmup):
+            fn()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        return ts
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            te = timed(lambda: model(*args, **kwargs))
+    finally:
+        torch.set_num_threads(old)
+    sess = make_session(path, threads=threads)
+    feeds = onnx_inputs(args, kwargs)
+    to = timed(lambda: run_onnx(path, *feeds, session=sess))
+    e, o = statistics.median(te), statistics.median(to)
+    return {"threads": threads, "eager_ms": e, "eager_min_ms": min(te), "ort_ms": o, "ort_min_ms": min(to),
+            "speedup": e / o}
+
+
 # ============================================================================ visualization
 _ONNX_FAMILY = {"GroupNormalization": "groupnorm", "InstanceNormalization": "groupnorm", "Attention": "attention",
                 "Gelu": "gelu"}
@@ -695,15 +781,23 @@ def _value_info(model) -> dict[str, tuple[tuple, str]]:
         tt = vi.type.tensor_type
         if not tt.HasField("shape"):
             continue
-        shape = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+        dims = tuple(d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim)
+        # Static shapes as int tuples (drawn "2x64x16x16"); symbolic ones as that string already.
+        shape = dims if all(isinstance(x, int) for x in dims) else "x".join(map(str, dims))
         dt = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name if tt.elem_type else ""
         out[vi.name] = (shape, dt)
     return out
 
 
 def _scope_stack(meta: dict[str, str]) -> list[tuple[str, str, str]]:
-    """Module stack from torch.onnx's metadata (``pkg.torch.onnx.name_scopes`` / ``class_hierarchy``)."""
+    """Module stack ``[(path, type, qualified type), ...]`` from torch.onnx's node metadata.
+
+    ``pkg.torch.onnx.name_scopes`` holds the full module path of every enclosing module (root
+    ``""`` first) and then the FX node's own name; ``class_hierarchy`` the matching types.
+    """
     import ast
+
+    from fxpasses.canonicalize import clean_module_path
 
     try:
         scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
@@ -711,15 +805,23 @@ def _scope_stack(meta: dict[str, str]) -> list[tuple[str, str, str]]:
     except (ValueError, SyntaxError):
         return []
     out = []
-    path: list[str] = []
-    for scope, cls in zip(scopes, classes):
-        if scope:
-            path.append(str(scope))
-        if not path:
-            continue  # the root module
+    for scope, cls in list(zip(scopes, classes))[:-1]:  # the last entry is the FX node itself
+        path = clean_module_path(str(scope))
+        if not path or path.startswith("_empty_nn_module_stack"):
+            continue  # the root module, or torch.export's placeholder for "no module"
         qual = str(cls)
-        out.append((".".join(path), qual.rsplit(".", 1)[-1], qual))
+        out.append((path, qual.rsplit(".", 1)[-1], qual))
     return out
+
+
+def _fx_node_name(meta: dict[str, str]) -> str:
+    import ast
+
+    try:
+        scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
+    except (ValueError, SyntaxError):
+        scopes = []
+    return str(scopes[-1]) if scopes else ""
 
 
 def _fx_source(meta: dict[str, str]) -> str:
@@ -805,7 +907,7 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False):
         if src.startswith("fusediff::"):
             fam = fused_op_family(src)
             # One site per source FX node (its name is the first token of the fx_node metadata).
-            fx_name = meta.get("pkg.torch.onnx.fx_node", "").split(" ", 1)[0].lstrip("%") or src
+            fx_name = _fx_node_name(meta) or src
             idx = site_of_src.get(fx_name)
             if idx is None:
                 idx = len(sites)

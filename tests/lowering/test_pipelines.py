@@ -47,7 +47,7 @@ def test_ddim_pipeline_unet2d(how):
         ref = pipe(batch_size=2, num_inference_steps=STEPS, generator=gen(), output_type="np").images
         torch._dynamo.reset()
         pipe.unet = fusediff.optimize(unet) if how == "optimize" else \
-            torch.compile(unet, backend=fusediff.backend(inner="eager"))
+            torch.compile(unet, backend=fusediff.backend(inner="eager"), fullgraph=True)
         out = pipe(batch_size=2, num_inference_steps=STEPS, generator=gen(), output_type="np").images
         torch._dynamo.reset()
     assert out.shape == ref.shape == (2, 16, 16, 3)
