@@ -17,11 +17,12 @@ from fxpasses.report import Report, build_report
 from fxpasses.sites import Site
 from fxpasses.visualize import visualize
 from lowering.backend import backend
+from lowering.onnx_export import export_onnx, run_onnx
 from lowering.transform import OptimizeConfig, OptimizedModule, optimize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Inspection", "OptimizeConfig", "OptimizedModule", "Report", "RewriteConfig", "Site",
-    "backend", "build_report", "inspect", "optimize", "visualize", "__version__",
+    "backend", "build_report", "export_onnx", "inspect", "optimize", "run_onnx", "visualize", "__version__",
 ]

@@ -3,6 +3,7 @@
     fusediff inspect zoo:sd15 --out out/sd15        # tables + DOT/SVG/HTML pictures
     fusediff inspect digits --capture dynamo
     fusediff zoo                                     # list fixture U-Nets
+    fusediff export-onnx digits --out out/digits.onnx --opset 23 --check
 """
 from __future__ import annotations
 
@@ -64,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(fn=_cmd_inspect)
     z = sub.add_parser("zoo", help="list the fixture U-Nets")
     z.set_defaults(fn=_cmd_zoo)
+    from lowering.onnx_export import add_cli
+
+    add_cli(sub)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(name)s: %(message)s")
     if a.cmd == "inspect" and a.out:

@@ -46,7 +46,7 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -168,7 +168,7 @@ def _geglu_f32(x, approximate: str, opset: int):
 def _make_group_norm_silu(ctx: _Ctx) -> Callable:
     def group_norm_silu(x, weight=None, bias=None, scale=None, shift=None, num_groups: int = 32,
                         eps: float = 1e-5, apply_silu: bool = True):
-        _, ir, op, _, op21, _ = _onnx()
+        _, _, op, _, op21, _ = _onnx()
         name = "fusediff::group_norm_silu"
         rank = _rank(name, x)
         if rank < 3:
@@ -275,7 +275,7 @@ def _make_linear_geglu(ctx: _Ctx) -> Callable:
 
 def _make_winograd_conv2d(ctx: _Ctx) -> Callable:
     def winograd_conv2d(x, u, bias=None, padding: int = 1):
-        _, ir, op, *_ = _onnx()
+        _, _, op, *_ = _onnx()
         name = "fusediff::winograd_conv2d"
         if _rank(name, u) != 3 or _dim(u, 0) != 36:
             raise UnsupportedOpError(name, "u must be (36, Cin, Cout) from winograd_weight_transform")
@@ -302,7 +302,7 @@ def _make_winograd_conv2d(ctx: _Ctx) -> Callable:
 
 def _make_softmax_stats(ctx: _Ctx) -> Callable:
     def softmax_stats(s):
-        _, ir, op, *_ = _onnx()
+        _, _, op, *_ = _onnx()
         sf = _to_float(s)
         axes = _const(np.array([1], np.int64))
         m = op.ReduceMax(sf, axes, keepdims=1)  # (N, 1)
@@ -315,7 +315,7 @@ def _make_softmax_stats(ctx: _Ctx) -> Callable:
 
 def _make_softmax_matmul(ctx: _Ctx) -> Callable:
     def softmax_matmul(s, stats, v):
-        _, ir, op, *_ = _onnx()
+        _, _, op, *_ = _onnx()
         shape = op.Concat(op.Shape(s, start=0, end=2), _const(np.array([1], np.int64)), axis=0)  # (B, Lq, 1)
         m = op.Reshape(op.Slice(stats, _const(np.array([0], np.int64)), _const(np.array([1], np.int64)),
                                 _const(np.array([1], np.int64))), shape)
@@ -465,12 +465,14 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
     was_training = model.training
     model.eval()
+    dyn = None
     try:
         dyn = _dynamic_shapes(model, args, kwargs, dynamic_batch, dynamic_spatial)
         with torch.no_grad():
             ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn)
     except Exception as e:  # noqa: BLE001 - re-raised with context
-        raise OnnxExportError(f"export_onnx: torch.export failed on {type(model).__name__}: {e}") from e
+        hint = " (try dynamic_batch=False / dynamic_spatial=False)" if dyn is not None else ""
+        raise OnnxExportError(f"export_onnx: torch.export failed on {type(model).__name__}{hint}: {e}") from e
     finally:
         model.train(was_training)
     gm = ep.module()
@@ -859,6 +861,8 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False):
     import networkx as nx
     import onnx
 
+    from fxpasses.visualize import fused_op_family
+
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model), load_external_data=False)
     try:
@@ -902,8 +906,6 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False):
             "stack": stack, "shape": shape, "dtype": dt, "flops": 0, "op_class": _ONNX_CLASS.get(n.op_type, "elementwise"),
             "order": order, "fused": False, "view_op": n.op_type in _ONNX_VIEWS, "name": key, "source": src,
         }
-        from fxpasses.visualize import fused_op_family
-
         if src.startswith("fusediff::"):
             fam = fused_op_family(src)
             # One site per source FX node (its name is the first token of the fx_node metadata).
