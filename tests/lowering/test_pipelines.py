@@ -11,7 +11,11 @@ import fusediff
 from fusediff import zoo
 from tests.tolerances import TRAJECTORY_TOL
 
-STEPS = 10
+import os
+
+# A whole DDIM run from noise to image at a CI-sized step count; FUSEDIFF_E2E_STEPS=25 (or 50)
+# runs the long trajectories the "20-50 steps" describes (minutes on a 2-core CPU).
+STEPS = int(os.environ.get("FUSEDIFF_E2E_STEPS", "6"))
 
 
 @pytest.fixture
