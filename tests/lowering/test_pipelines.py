@@ -61,34 +61,50 @@ def test_ddim_pipeline_unet2d(how):
         assert pipe.unet.results[0].rewritten.get("attention", 0) >= 1
 
 
-def _sd_loop(unet, ctx_pos, ctx_neg, steps=STEPS, guidance=7.5, seed=0):
-    """What StableDiffusionPipeline does once prompt embeddings exist: DDIM + classifier-free guidance."""
-    from diffusers import DDIMScheduler
+def _tiny_sd_pipeline(unet, tmp_path):
+    """A real diffusers StableDiffusionPipeline around the sd15 fixture unet, built offline: a
+    4-token CLIP tokenizer written here, a 1-layer CLIP text encoder and a 2-level VAE with random
+    weights. Prompt embeddings are passed directly, so the tokenizer/text encoder are never run."""
+    import json
 
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    (tmp_path / "vocab.json").write_text(json.dumps({"<|startoftext|>": 0, "<|endoftext|>": 1, "a</w>": 2, "!": 3}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
+    te = CLIPTextModel(CLIPTextConfig(vocab_size=4, hidden_size=unet.config.cross_attention_dim, intermediate_size=37,
+                                      num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=77)).eval()
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=4, sample_size=32).eval()
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
-                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False)
-    sched.set_timesteps(steps)
-    lat = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(seed)) * sched.init_noise_sigma
-    ctx = torch.cat([ctx_neg, ctx_pos])
-    traj = []
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(torch.cat([lat] * 2), t)
-        eps = unet(inp, t, encoder_hidden_states=ctx).sample
-        e_u, e_c = eps.chunk(2)
-        lat = sched.step(e_u + guidance * (e_c - e_u), t, lat).prev_sample
-        traj.append(lat)
-    return torch.stack(traj)
+                          beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
-def test_sd_shaped_cfg_loop(cpu_reference_ops):
+def test_stable_diffusion_pipeline_cfg(tmp_path, cpu_reference_ops):
     unet, args, kw = zoo.build("sd15")
     ctx = kw["encoder_hidden_states"] if "encoder_hidden_states" in kw else args[2]
-    pos, neg = ctx[:1], torch.zeros_like(ctx[:1])
+    pipe = _tiny_sd_pipeline(unet, tmp_path)
+
+    def run():
+        return pipe(prompt_embeds=ctx[:1], negative_prompt_embeds=torch.zeros_like(ctx[:1]), guidance_scale=7.5,
+                    num_inference_steps=STEPS, height=32, width=32, output_type="np",
+                    generator=torch.Generator().manual_seed(0)).images
+
     with torch.no_grad():
-        ref = _sd_loop(unet, pos, neg)
+        ref = run()
         fast = fusediff.optimize(unet)
-        out = _sd_loop(fast, pos, neg)
+        pipe.unet = fast
+        out = run()
+    assert out.shape == ref.shape == (1, 32, 32, 3)
     _assert_traj_close(out, ref)
+    assert len(fast.graph_modules) == 1  # CFG batch (2) captured once for the whole run
     r = fast.results[0].rewritten
     assert r["attention"] >= 2 and r["geglu"] >= 1 and r["groupnorm_silu"] >= 1
 
