@@ -13,6 +13,8 @@ import kernels as _kernels  # noqa: F401  (registers the fusediff:: custom ops)
 from fxpasses.api import Inspection
 from fxpasses.api import inspect_model as inspect
 from fxpasses.config import RewriteConfig
+from fxpasses.modiff import (QuantConfig, allocate, cache_bytes, calibrate, fuse_group_norm_quantize, prepare,
+                             preserve_state, quant_report, quantize, reset, trajectory)
 from fxpasses.report import Report, build_report
 from fxpasses.sites import Site
 from fxpasses.visualize import visualize
@@ -23,6 +25,8 @@ from lowering.transform import OptimizeConfig, OptimizedModule, optimize
 __version__ = "0.1.0"
 
 __all__ = [
-    "Inspection", "OptimizeConfig", "OptimizedModule", "Report", "RewriteConfig", "Site",
+    "Inspection", "OptimizeConfig", "OptimizedModule", "QuantConfig", "Report", "RewriteConfig", "Site",
+    "allocate", "cache_bytes", "calibrate", "fuse_group_norm_quantize", "prepare", "preserve_state",
+    "quant_report", "quantize", "reset", "trajectory",
     "backend", "build_report", "export_onnx", "inspect", "optimize", "run_onnx", "visualize", "__version__",
 ]

@@ -74,9 +74,17 @@ def rewrite_graph(gm: fx.GraphModule, config: "OptimizeConfig", device: torch.de
     res.sites = find_sites(gm, config.rewrite)
     Selector(config.selection).apply(res.sites, device)
     apply_rewrites(gm, res)
+    from fxpasses.modiff import fuse_group_norm_quantize
+
+    fuse_group_norm_quantize(gm)  # MoDiff graphs only: GroupNorm(+SiLU) -> quantizer in one op (Fig. 1)
     failures: list[VerifyFailure] = []
     if config.verify and inputs is not None:
+        # the check run must not advance stateful buffers (MoDiff caches): restore them after
+        saved = {k: b.clone() for k, b in gm.named_buffers()}
         failures = verify_graph(gm, inputs)
+        with torch.no_grad():
+            for k, b in gm.named_buffers():
+                b.copy_(saved[k])
         for f in failures:
             for s in res.sites:
                 if s.rewritten and s.module_path == f.module_path:
@@ -161,8 +169,11 @@ class OptimizedModule(torch.nn.Module):
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
-                template = model(*args, **kwargs)  # output structure (and dtype) to give back
+            from fxpasses import modiff as _modiff
+
+            # output structure (and dtype) to give back; MoDiff caches are restored afterwards
+            with torch.no_grad(), _modiff.preserve_state(model):
+                template = model(*args, **kwargs)
             gm = capture_export(model, args, kwargs)
         finally:
             model.train(was_training)
