@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 import kernels  # noqa: E402,F401
 from kernels.winograd import winograd_weight_transform  # noqa: E402
 from lowering import onnx_export as ox  # noqa: E402
-from tests.tolerances import MODEL_TOL, TOL  # noqa: E402
+from tests.tolerances import MODEL_TOL, TOL, TRAJECTORY_TOL  # noqa: E402
 
 FD = torch.ops.fusediff
 
@@ -403,3 +403,23 @@ def test_cli_export_digits_and_latency(tmp_path, capsys):
               f"10 after 2 warm-up: PyTorch eager {r['eager_ms']:.2f} ms (min {r['eager_min_ms']:.2f}), "
               f"onnxruntime CPU {r['ort_ms']:.2f} ms (min {r['ort_min_ms']:.2f}), eager/ORT {r['speedup']:.2f}x; "
               f"torch {torch.__version__}, onnxruntime {ort.__version__}, load avg {os.getloadavg()[0]:.1f}")
+
+
+def test_digits_ddim_trajectory_through_onnxruntime(tmp_path):
+    """The shipped model's whole DDIM run (float, rewritten) through onnxruntime matches PyTorch."""
+    from fusediff import digits
+    from lowering.onnx_export import export_onnx, make_session, run_onnx
+
+    unet = digits.load_digits_unet()
+    x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    path = export_onnx(unet, (x, torch.full((4,), 500, dtype=torch.int64)), str(tmp_path / "digits.onnx"), opset=21)
+    sess = make_session(path, threads=1)
+
+    def ort_fn(xt, t):
+        (eps,) = run_onnx(path, xt, t.to(torch.int64), session=sess)
+        return torch.from_numpy(eps)
+
+    with torch.no_grad():
+        ref = digits.ddim_sample(unet, 4, steps=10, seed=3)
+    out = digits.ddim_sample(None, 4, steps=10, seed=3, unet_fn=ort_fn)
+    torch.testing.assert_close(out, ref, atol=TRAJECTORY_TOL[0], rtol=TRAJECTORY_TOL[1])
