@@ -64,3 +64,33 @@ def check_float(name: str, t: torch.Tensor, allowed=(torch.float32, torch.float1
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- shared @triton.jit helpers
+if HAS_TRITON:
+    @triton.jit
+    def _dot(a, b, acc, DOT_PRECISION: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+        """acc + a @ b with fp32 accumulation.
+
+        INTERPRET_BF16 (Triton interpreter and bf16 only): the interpreter's dot multiplies bf16's
+        uint16 storage as integers, so operands already rounded to bf16 are widened to fp32 (exact)
+        and multiplied in fp32 -- the same numbers a bf16 tensor-core dot accumulates.
+        """
+        if INTERPRET_BF16:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+    @triton.jit
+    def _to_dtype(x, DTYPE: tl.constexpr, INTERPRET_BF16: tl.constexpr):
+        """fp32 -> DTYPE with round-to-nearest-even, as on the GPU.
+
+        INTERPRET_BF16: the interpreter (3.9) truncates fp32 -> bf16 instead of rounding, which
+        would double the bf16 error the CPU tests see; round the fp32 bits to nearest-even first
+        so the final conversion is exact. NaN/Inf survive (NaN's quiet bit lies above bit 16).
+        """
+        if INTERPRET_BF16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            x = bits.to(tl.float32, bitcast=True)
+        return x.to(DTYPE)

@@ -46,7 +46,7 @@ if _common.HAS_TRITON:
     import triton.language as tl
 
     # Shared jit helpers (fp32-accumulating dot; RTNE cast), incl. the interpreter bf16 fixes.
-    from kernels.attention import _dot, _to_dtype
+    from kernels._common import _dot, _to_dtype
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
