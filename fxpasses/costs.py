@@ -644,6 +644,8 @@ OP_COSTS["fusediff::linear_geglu"] = OpCost(
 OP_COSTS["fusediff::winograd_conv2d"] = OpCost("conv", _winograd_flops)
 OP_COSTS["fusediff::int8_conv2d"] = OpCost("conv", _int8_conv_flops)
 OP_COSTS["fusediff::int8_linear"] = OpCost("linear", _int8_linear_flops, fused_away=_int8_linear_away)
+OP_COSTS["fusediff::int8_conv2d_baseline"] = OP_COSTS["fusediff::int8_conv2d"]
+OP_COSTS["fusediff::int8_linear_baseline"] = OP_COSTS["fusediff::int8_linear"]
 OP_COSTS["fusediff::quantize_act"] = OpCost("other", _input_elements(3, "a"))
 OP_COSTS["fusediff::modiff_quantize"] = OpCost("other", _input_elements(4, "a"))
 

@@ -83,6 +83,11 @@ __all__ = [
     "layer_shapes",
     "dram_transfer",
     "fuse_group_norm_quantize",
+    "StateSlot",
+    "ExplicitIO",
+    "explicit_state",
+    "state_slots",
+    "ExplicitStateModel",
 ]
 
 #: Module-path patterns kept float by default: time embeddings (and the per-block projections of
@@ -345,6 +350,9 @@ def _smooth_factors(w: torch.Tensor, act_absmax: torch.Tensor, alpha: float, kin
 class _QuantLayer(nn.Module):
     """Shared state and cache handling of :class:`QuantConv2d` and :class:`QuantLinear`."""
 
+    #: Set by :func:`explicit_state` while a caller (the ONNX export) passes the caches in and out.
+    _explicit: Optional["ExplicitIO"] = None
+
     def __init__(self, src: nn.Module, cfg: QuantConfig, path: str, role: str,
                  smooth: Optional[torch.Tensor]) -> None:
         super().__init__()
@@ -429,6 +437,34 @@ class _QuantLayer(nn.Module):
     def cache_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.a_hat, self.o_hat))
 
+    def state_kinds(self) -> tuple[str, ...]:
+        """The caches this layer carries across the steps of a trajectory (``()``: stateless)."""
+        if self.role == "context":
+            return ("o_hat",)
+        return ("a_hat", "o_hat") if self.mode == "modiff" else ()
+
+    def _explicit_modiff(self, a: torch.Tensor, int_out, float_out) -> torch.Tensor:
+        """MoDiff eq. (6)-(7) with â/ô taken from and returned to :class:`ExplicitIO` (no mutation).
+
+        ``int_out(q, s)`` is the layer's pure integer op (``int8_*_baseline``: ``s_a s_w (W ⊗ q)``,
+        no bias), ``float_out(â)`` its float first step (``deQ(W) * â + b`` in the cache dtype): the
+        arithmetic of ``modiff_quantize`` + ``int8_conv2d``/``int8_linear`` with their caches, as
+        pure functions of their inputs.
+        """
+        io = self._explicit
+        cd = self.cache_dtype
+        if io.first_step:  # â_T = a_T;  ô_T = deQ(W) * â_T + b
+            a_new = a.to(cd).contiguous()
+            o_new = float_out(a_new).to(cd).contiguous()
+        else:
+            ap = io.cache(self.path, "a_hat").float()
+            q, s = torch.ops.fusediff.quantize_act(a.float() - ap, self.a_bits, self.per_sample)  # Q(a_t - â_{t+1})
+            a_new = (ap + s.reshape((-1,) + (1,) * (a.dim() - 1)) * q.float()).to(cd).contiguous()  # eq. (6)
+            o_new = (int_out(q, s) + io.cache(self.path, "o_hat").float()).to(cd).contiguous()  # eq. (7)
+        io.put(self.path, "a_hat", a_new)
+        io.put(self.path, "o_hat", o_new)
+        return o_new
+
 
 class QuantConv2d(_QuantLayer):
     """Low-bit replacement of ``nn.Conv2d`` (groups 1, square kernel) and of 1x1 ``nn.Conv1d``.
@@ -457,6 +493,10 @@ class QuantConv2d(_QuantLayer):
         self.padding = _int_padding(conv)
         self.kernel_size = conv.kernel_size
 
+    def _deq_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """deQ(W) as the float first step uses it (no SmoothQuant factor: the input is smoothed)."""
+        return dequantize_conv_weight(self.w_q, self.w_scale, self.w_bits, self.k_size, self.in_channels).to(dtype)
+
     @property
     def weight(self) -> torch.Tensor:
         """deQ(W) (times 1/s with SmoothQuant) in the original dtype, computed on access."""
@@ -478,10 +518,17 @@ class QuantConv2d(_QuantLayer):
             raise ValueError(f"fusediff MoDiff: layer '{self.path}' expects a {want}-D batched input, got {tuple(x.shape)}")
         a = self._smoothed(x.unsqueeze(-1) if self.is_1d else x, 1)
         ops = torch.ops.fusediff
-        if self.mode == "baseline":
+        if self.mode == "modiff" and self._explicit is not None:
+            out = self._explicit_modiff(
+                a,
+                lambda q, s: ops.int8_conv2d_baseline(q, s, self.w_q, self.w_scale, None, self.stride, self.padding,
+                                                      self.w_bits, self.k_size),
+                lambda ah: F.conv2d(ah, self._deq_weight(ah.dtype), None if self.bias is None else self.bias.to(ah.dtype),
+                                    stride=self.stride, padding=self.padding))
+        elif self.mode == "baseline":
             q, s = ops.quantize_act(a, self.a_bits, self.per_sample)
-            out = ops.int8_conv2d(q, s, self.w_q, self.w_scale, self.bias, None, None, None,
-                                  self.stride, self.padding, self.w_bits, self.k_size)
+            out = ops.int8_conv2d_baseline(q, s, self.w_q, self.w_scale, self.bias, self.stride, self.padding,
+                                           self.w_bits, self.k_size)
         else:
             self._check_state(a, self._out_shape(a))
             q, s = ops.modiff_quantize(a, self.a_hat, self.primed, self.a_bits, self.per_sample)  # eq. (6)
@@ -517,6 +564,10 @@ class QuantLinear(_QuantLayer):
         self.in_features = linear.in_features
         self.out_features = linear.out_features
 
+    def _deq_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """deQ(W) as the float first step uses it (no SmoothQuant factor: the input is smoothed)."""
+        return dequantize_linear_weight(self.w_q, self.w_scale, self.w_bits, self.in_features).to(dtype)
+
     @property
     def weight(self) -> torch.Tensor:
         """deQ(W) (times 1/s with SmoothQuant) in the original dtype, computed on access."""
@@ -535,9 +586,15 @@ class QuantLinear(_QuantLayer):
         ops = torch.ops.fusediff
         if self.role == "context":
             out = self._context_forward(a, out_shape)
+        elif self.mode == "modiff" and self._explicit is not None:
+            out = self._explicit_modiff(
+                a,
+                lambda q, s: ops.int8_linear_baseline(q, s, self.w_q, self.w_scale, None, self.w_bits, False),
+                lambda ah: F.linear(ah, self._deq_weight(ah.dtype),
+                                    None if self.bias is None else self.bias.to(ah.dtype)))
         elif self.mode == "baseline":
             q, s = ops.quantize_act(a, self.a_bits, self.per_sample)
-            out = ops.int8_linear(q, s, self.w_q, self.w_scale, self.bias, None, None, None, self.w_bits, False)
+            out = ops.int8_linear_baseline(q, s, self.w_q, self.w_scale, self.bias, self.w_bits, False)
         else:
             self._check_state(a, out_shape)
             q, s = ops.modiff_quantize(a, self.a_hat, self.primed, self.a_bits, self.per_sample)  # eq. (6)
@@ -552,8 +609,14 @@ class QuantLinear(_QuantLayer):
         Eager: a host branch on the CPU ``primed`` (no sync). Compiled/exported: ``torch.cond`` on
         ``primed``, so one graph serves the whole trajectory.
         """
-        self._check_state(a, out_shape)
         bias = self.bias if self.bias is not None else self.w_scale  # placeholder operand
+        if self._explicit is not None:  # ô from and to the caller (ONNX export): first step computes
+            io = self._explicit
+            o_prev = io.cache(self.path, "o_hat")
+            out = (self._ctx_miss if io.first_step else self._ctx_hit)(a, o_prev, self.w_q, self.w_scale, bias)
+            io.put(self.path, "o_hat", out.contiguous())
+            return out
+        self._check_state(a, out_shape)
         operands = (a, self.o_hat, self.w_q, self.w_scale, bias)
         if not torch.compiler.is_compiling():
             if bool(self.primed):
@@ -901,6 +964,127 @@ def cache_bytes(model: nn.Module, per_layer: bool = False) -> Union[int, dict[st
     """Bytes held by the MoDiff caches (â + ô) of ``model``, in total or per layer path."""
     sizes = {m.path: m.cache_nbytes() for m in quant_layers(model)}
     return sizes if per_layer else sum(sizes.values())
+
+
+# ------------------------------------------------------------------------------------------------
+# Explicit state: the caches as inputs and outputs of a call (ONNX export, like an LLM's KV cache)
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StateSlot:
+    """One cache a quantized layer carries from step to step.
+
+    Attributes:
+        layer: module path of the layer. kind: ``"a_hat"`` (â) or ``"o_hat"`` (ô).
+        shape, dtype: of the cache for the signature it was sized with.
+    """
+
+    layer: str
+    kind: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def key(self) -> str:
+        return f"{self.layer}.{self.kind}"
+
+
+class ExplicitIO:
+    """The state of one call made explicit: whether it is the trajectory's first step, the caches
+    in, and the updated caches out (filled by the layers in :func:`explicit_state` mode)."""
+
+    def __init__(self, first_step: bool, caches: dict[str, torch.Tensor]) -> None:
+        self.first_step = bool(first_step)
+        self.inputs = caches
+        self.outputs: dict[str, torch.Tensor] = {}
+
+    def cache(self, layer: str, kind: str) -> torch.Tensor:
+        key = f"{layer}.{kind}"
+        if key not in self.inputs:
+            raise KeyError(f"fusediff MoDiff: no cache input for {key!r} (state_slots() names the caches)")
+        return self.inputs[key]
+
+    def put(self, layer: str, kind: str, value: torch.Tensor) -> None:
+        key = f"{layer}.{kind}"
+        if key in self.outputs:
+            raise RuntimeError(f"fusediff MoDiff: layer {layer!r} ran twice in one call; its {kind} cache would be "
+                               "overwritten (a module reused within one forward cannot carry MoDiff state)")
+        self.outputs[key] = value
+
+
+@contextlib.contextmanager
+def explicit_state(model: nn.Module, io: ExplicitIO) -> Iterator[ExplicitIO]:
+    """Within the block, quantized layers read their caches from ``io`` and write the new ones to
+    it instead of mutating their buffers (which stay untouched); ``io.first_step`` picks the float
+    first step or the integer step."""
+    layers = quant_layers(model)
+    for m in layers:
+        m._explicit = io
+    try:
+        yield io
+    finally:
+        for m in layers:
+            m._explicit = None
+
+
+@torch.no_grad()
+def state_slots(model: nn.Module, example_args: tuple = (), example_kwargs: Optional[dict] = None) -> list[StateSlot]:
+    """The caches of ``model`` for the signature of ``example_args``/``example_kwargs``, in module order.
+
+    The model is run once on its float first step to size them; its own state (buffers and
+    ``primed``) is restored afterwards, so a trajectory in progress is not disturbed.
+    """
+    layers = [m for m in quant_layers(model) if m.state_kinds()]
+    if layers and (example_args or example_kwargs):
+        with preserve_state(model):
+            reset(model)
+            model(*tuple(example_args), **(example_kwargs or {}))
+            sized = [(m, {k: (tuple(getattr(m, k).shape), getattr(m, k).dtype) for k in m.state_kinds()})
+                     for m in layers]
+    else:
+        sized = [(m, {k: (tuple(getattr(m, k).shape), getattr(m, k).dtype) for k in m.state_kinds()}) for m in layers]
+    slots = []
+    for m, kinds in sized:
+        for kind, (shape, dtype) in kinds.items():
+            if len(shape) == 1 and shape[0] == 0:
+                raise ValueError(f"fusediff MoDiff: layer {m.path!r} did not run in the example call, so its {kind} "
+                                 "cache has no shape; pass example inputs that reach every quantized layer")
+            slots.append(StateSlot(m.path, kind, shape, dtype))
+    return slots
+
+
+class ExplicitStateModel(nn.Module):
+    """One step of a quantized model as a pure function of its inputs and its MoDiff state.
+
+    ``first=True``: ``forward(args, kwargs) -> (output, caches)``, the float first step of a
+    trajectory (â = a, ô = deQ(W) * a + b). ``first=False``: ``forward(args, kwargs, caches) ->
+    (output, new_caches)``, an integer step (eq. 6-7). ``caches`` are tuples ordered like
+    ``slots``; the wrapped model's buffers are never written. The ONNX export captures both and
+    joins them under one ``If`` on a ``first_step`` input (``lowering.onnx_export``), so the caches
+    become graph inputs/outputs the way LLM exports carry their KV cache. (A ``torch.cond`` per
+    layer or around the model would do the same in one capture, but tracing a cond costs ~0.2 s
+    per layer and trace phase, and a cond branch may not switch the layers' mode.)
+    """
+
+    def __init__(self, model: nn.Module, slots: list[StateSlot], first: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.slots = list(slots)
+        self.first = bool(first)
+
+    def forward(self, args: tuple, kwargs: dict,
+                caches: tuple[torch.Tensor, ...] = ()) -> tuple[Any, tuple[torch.Tensor, ...]]:
+        want = 0 if self.first else len(self.slots)
+        if len(caches) != want:
+            raise ValueError(f"ExplicitStateModel(first={self.first}): {want} caches expected, got {len(caches)}")
+        io = ExplicitIO(self.first, {s.key: c for s, c in zip(self.slots, caches)})
+        with explicit_state(self.model, io):
+            out = self.model(*args, **kwargs)
+        missing = [s.key for s in self.slots if s.key not in io.outputs]
+        if missing:
+            raise RuntimeError(f"ExplicitStateModel: layers {missing} did not run in this call")
+        return out, tuple(io.outputs[s.key] for s in self.slots)
 
 
 @torch.no_grad()

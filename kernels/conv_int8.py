@@ -60,6 +60,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "int8_conv2d",
+    "int8_conv2d_baseline",
     "int8_conv2d_acc",
     "prepare_conv_weight",
     "dequantize_conv_weight",
@@ -440,6 +441,39 @@ def int8_conv2d(
 def _int8_conv2d_fake(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size):
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
     return _new_out(out_shape, o_hat, q.device)
+
+
+@torch.library.custom_op("fusediff::int8_conv2d_baseline", mutates_args=())
+def int8_conv2d_baseline(
+    q: torch.Tensor,
+    act_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    stride: int,
+    padding: int,
+    w_bits: int,
+    k_size: int,
+) -> torch.Tensor:
+    """The cache-free form of :func:`int8_conv2d`: ``s_a s_w (W ⊗ q) + bias``, same kernel.
+
+    A pure op (no mutable argument), so it functionalizes without an ``auto_functionalized``
+    wrapper: baseline layers call it, and so does MoDiff's integer term when the caches are
+    explicit inputs/outputs (``torch.cond`` branches, ONNX export). Returns fp32 channels_last.
+    """
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, stride, padding, w_bits, k_size)
+    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias) if t is not None))
+    _common.record("int8_conv2d_baseline", path)
+    if path == "triton":
+        out = _new_out(out_shape, None, q.device)
+        return _launch(q, act_scale, w_q, w_scale, bias, None, out, stride, padding, w_bits, k_size, False)
+    return int8_conv2d_ref(q, act_scale, w_q, w_scale, bias, None, None, None, stride, padding, w_bits, k_size)
+
+
+@int8_conv2d_baseline.register_fake
+def _int8_conv2d_baseline_fake(q, act_scale, w_q, w_scale, bias, stride, padding, w_bits, k_size):
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, stride, padding, w_bits, k_size)
+    return _new_out(out_shape, None, q.device)
 
 
 def int8_conv2d_acc(q: torch.Tensor, w_q: torch.Tensor, stride: int, padding: int, w_bits: int, k_size: int) -> torch.Tensor:

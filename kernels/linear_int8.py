@@ -47,6 +47,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "int8_linear",
+    "int8_linear_baseline",
     "int8_linear_acc",
     "prepare_linear_weight",
     "dequantize_linear_weight",
@@ -384,6 +385,36 @@ def int8_linear(
 def _int8_linear_fake(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu):
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
     return _new_out(out_shape, o_hat, q.device)
+
+
+@torch.library.custom_op("fusediff::int8_linear_baseline", mutates_args=())
+def int8_linear_baseline(
+    q: torch.Tensor,
+    act_scale: torch.Tensor,
+    w_q: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    w_bits: int,
+    geglu: bool,
+) -> torch.Tensor:
+    """The cache-free form of :func:`int8_linear`: ``s_a s_w (q @ W_intᵀ) + bias`` (+ GEGLU), same kernel.
+
+    A pure op (no mutable argument): baseline layers call it, and so does MoDiff's integer term
+    when the caches are explicit inputs/outputs (``torch.cond`` branches, ONNX export). fp32 output.
+    """
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, w_bits, geglu)
+    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias) if t is not None))
+    _common.record("int8_linear_baseline", path)
+    if path == "triton":
+        out = _new_out(out_shape, None, q.device)
+        return _launch(q, act_scale, w_q, w_scale, bias, None, out, w_bits, geglu, False)
+    return int8_linear_ref(q, act_scale, w_q, w_scale, bias, None, None, None, w_bits, geglu)
+
+
+@int8_linear_baseline.register_fake
+def _int8_linear_baseline_fake(q, act_scale, w_q, w_scale, bias, w_bits, geglu):
+    out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, w_bits, geglu)
+    return _new_out(out_shape, None, q.device)
 
 
 def int8_linear_acc(q: torch.Tensor, w_q: torch.Tensor, w_bits: int) -> torch.Tensor:

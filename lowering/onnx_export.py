@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -99,7 +100,8 @@ def _onnx():
 
 TRANSLATED_OPS = ("fusediff::group_norm_silu", "fusediff::flash_attention", "fusediff::gelu", "fusediff::geglu",
                   "fusediff::linear_geglu", "fusediff::winograd_conv2d", "fusediff::softmax_stats",
-                  "fusediff::softmax_matmul")
+                  "fusediff::softmax_matmul", "fusediff::quantize_act", "fusediff::int8_conv2d_baseline",
+                  "fusediff::int8_linear_baseline")
 
 # Winograd F(4x4, 3x3) filter transform G (kernels/winograd.py) and its pseudo-inverse: G has full
 # column rank, so g = G^+ (G g G^T) G^+T recovers the 3x3 filter exactly (up to rounding).
@@ -330,6 +332,105 @@ def _make_softmax_matmul(ctx: _Ctx) -> Callable:
     return softmax_matmul
 
 
+# ---------------------------------------------------------------------------- quantized ops
+# Low-bit ops (kernels/quantize.py, conv_int8.py, linear_int8.py). The integer GEMMs become
+# ConvInteger / MatMulInteger (int8 x int8 -> int32, exact); the dequantization s_a[n] * s_w[c]
+# (+ bias) follows in float32, in the reference's order. Only the pure ops are translated. The
+# in-place MoDiff ops mutate module buffers; a quantized model is exported as
+# fxpasses.modiff.ExplicitStateModel, whose caches are graph inputs/outputs and whose layers call
+# the pure ops (export_onnx does that), so these never reach the exporter from export_onnx.
+_INPLACE_WHY = ("it updates the MoDiff caches in place; export_onnx exports a quantized model with its caches as "
+                "graph inputs/outputs (fxpasses.modiff.ExplicitStateModel), whose layers call the pure ops")
+_WHY_UNTRANSLATED = {name: _INPLACE_WHY for name in ("fusediff::modiff_quantize", "fusediff::group_norm_quantize",
+                                                     "fusediff::int8_conv2d", "fusediff::int8_linear")}
+
+
+def _weight_levels(w_q, w_bits: int, k: int):
+    """int8 weight levels (F, K) from ``w_q``: int8 as is, or INT4 unpacked in the graph.
+
+    INT4 packing (kernels/quantize.pack_int4): element 2i in the low nibble of byte i, 2i+1 in the
+    high nibble, two's complement; sign extension is ``(v xor 8) - 8``.
+    """
+    _, ir, op, *_ = _onnx()
+    if int(w_bits) == 8:
+        return w_q
+    lo = op.Cast(op.BitwiseAnd(w_q, _const(np.array(15, np.uint8))), to=ir.DataType.INT32)
+    hi = op.Cast(op.BitShift(w_q, _const(np.array(4, np.uint8)), direction="RIGHT"), to=ir.DataType.INT32)
+    eight = _const(np.array(8, np.int32))
+    lo, hi = (op.Sub(op.BitwiseXor(v, eight), eight) for v in (lo, hi))
+    ax = _const(np.array([2], np.int64))
+    pairs = op.Concat(op.Unsqueeze(lo, ax), op.Unsqueeze(hi, ax), axis=2)  # (F, ceil(K/2), 2)
+    flat = op.Reshape(pairs, _const(np.array([0, -1], np.int64)))  # (F, 2*ceil(K/2)), K order kept
+    w = op.Slice(flat, _const(np.array([0], np.int64)), _const(np.array([int(k)], np.int64)),
+                 _const(np.array([1], np.int64)))
+    return op.Cast(w, to=ir.DataType.INT8)
+
+
+def _make_quantize_act(ctx: _Ctx) -> Callable:
+    def quantize_act(a, bits: int = 8, per_sample: bool = True):
+        _, ir, op, *_ = _onnx()
+        name = "fusediff::quantize_act"
+        rank = _rank(name, a)
+        if int(bits) not in (4, 8):
+            raise UnsupportedOpError(name, f"bits must be 4 or 8, got {bits!r}")
+        qmax = float((1 << (int(bits) - 1)) - 1)
+        af = _to_float(a)
+        flat = op.Reshape(af, _const(np.array([0, -1] if per_sample else [1, -1], np.int64)))  # (N|1, rest)
+        axes = _const(np.array([1], np.int64))
+        # absmax per sample; + sum(x * 0) makes it NaN when the sample holds a NaN/Inf, as torch's
+        # amax does (ReduceMax may skip NaN), so the sample dequantizes to NaN like the reference.
+        amax = op.Add(op.ReduceMax(op.Abs(flat), axes, keepdims=0), op.ReduceSum(op.Mul(flat, 0.0), axes, keepdims=0))
+        scale = op.Where(op.Equal(amax, 0.0), 1.0, op.Div(amax, qmax))  # (N,) or (1,)
+        v = op.Div(af, op.Reshape(scale, _const(np.array([-1] + [1] * (rank - 1), np.int64))))
+        lv = op.Round(op.Clip(v, _const(np.array(-qmax, np.float32)), _const(np.array(qmax, np.float32))))
+        lv = op.Where(op.IsNaN(v), 0.0, lv)  # Q(NaN) = 0 (the scale carries the NaN)
+        return op.Cast(lv, to=ir.DataType.INT8), scale
+
+    return quantize_act
+
+
+def _make_int8_conv2d(ctx: _Ctx) -> Callable:
+    def int8_conv2d_baseline(q, act_scale, w_q, w_scale, bias=None, stride: int = 1, padding: int = 0,
+                             w_bits: int = 8, k_size: int = 3):
+        _, ir, op, *_ = _onnx()
+        name = "fusediff::int8_conv2d_baseline"
+        cin, cout, k = _dim(q, 1), _dim(w_q, 0), int(k_size)
+        if cin is None or cout is None:
+            raise UnsupportedOpError(name, "the channel counts must be static")
+        w = _weight_levels(w_q, w_bits, k * k * cin)  # (Cout, K) in (r, s, cin) order
+        w4 = op.Transpose(op.Reshape(w, _const(np.array([cout, k, k, cin], np.int64))), perm=[0, 3, 1, 2])
+        p, st = int(padding), int(stride)
+        acc = op.ConvInteger(q, w4, kernel_shape=[k, k], pads=[p, p, p, p], strides=[st, st])  # W_int ⊗ q, int32
+        o = op.Mul(op.Mul(op.Cast(acc, to=ir.DataType.FLOAT), op.Reshape(act_scale, _const(np.array([-1, 1, 1, 1], np.int64)))),
+                   op.Reshape(w_scale, _const(np.array([1, -1, 1, 1], np.int64))))
+        if bias is not None:
+            o = op.Add(o, op.Reshape(_to_float(bias), _const(np.array([1, -1, 1, 1], np.int64))))
+        return o
+
+    return int8_conv2d_baseline
+
+
+def _make_int8_linear(ctx: _Ctx) -> Callable:
+    def int8_linear_baseline(q, act_scale, w_q, w_scale, bias=None, w_bits: int = 8, geglu: bool = False):
+        _, ir, op, *_ = _onnx()
+        name = "fusediff::int8_linear_baseline"
+        k, f = _dim(q, _rank(name, q) - 1), _dim(w_q, 0)
+        if k is None or f is None:
+            raise UnsupportedOpError(name, "the feature dims must be static")
+        w = _weight_levels(w_q, w_bits, k)  # (F, K)
+        acc = op.MatMulInteger(q, op.Transpose(w, perm=[1, 0]))  # q @ W_intᵀ, int32 (..., F)
+        # act_scale has T (per token), N (per sample) or 1 entries; each covers a block of rows.
+        rows = op.Reshape(op.Cast(acc, to=ir.DataType.FLOAT),
+                          op.Concat(op.Shape(act_scale), _const(np.array([-1, f], np.int64)), axis=0))
+        pre = op.Mul(op.Mul(rows, op.Reshape(act_scale, _const(np.array([-1, 1, 1], np.int64)))), w_scale)
+        pre = op.Reshape(pre, op.Shape(acc))
+        if bias is not None:
+            pre = op.Add(pre, _to_float(bias))
+        return _geglu_f32(pre, "none", ctx.opset) if geglu else pre
+
+    return int8_linear_baseline
+
+
 _MAKERS: dict[str, Callable[[_Ctx], Callable]] = {
     "group_norm_silu": _make_group_norm_silu,
     "flash_attention": _make_flash_attention,
@@ -339,6 +440,9 @@ _MAKERS: dict[str, Callable[[_Ctx], Callable]] = {
     "winograd_conv2d": _make_winograd_conv2d,
     "softmax_stats": _make_softmax_stats,
     "softmax_matmul": _make_softmax_matmul,
+    "quantize_act": _make_quantize_act,
+    "int8_conv2d_baseline": _make_int8_conv2d,
+    "int8_linear_baseline": _make_int8_linear,
 }
 
 
@@ -375,12 +479,23 @@ def translation_table(opset: int = DEFAULT_OPSET, *, attention: str = "auto") ->
 
 # ============================================================================ capture + rewrite
 def fused_ops_in(gm: fx.GraphModule) -> list[str]:
-    """Names (``"fusediff::<op>"``) of the fusediff ops called in ``gm``, first-use order, unique."""
+    """Names (``"fusediff::<op>"``) of the fusediff ops called in ``gm``, first-use order, unique.
+
+    Looks into ``torch.cond`` branch graphs and through ``auto_functionalized`` wrappers (the form
+    torch.export gives an op that mutates its arguments).
+    """
     out: dict[str, None] = {}
-    for n in gm.graph.nodes:
-        t = n.target
-        if n.op == "call_function" and isinstance(t, torch._ops.OpOverload) and t.namespace == "fusediff":
-            out[t._schema.name] = None
+    for sub in gm.modules():
+        if not isinstance(sub, fx.GraphModule):
+            continue
+        for n in sub.graph.nodes:
+            if n.op != "call_function":
+                continue
+            t = n.target
+            if isinstance(t, torch._ops.HigherOrderOperator) and "auto_functionalized" in t.name() and n.args:
+                t = n.args[0]
+            if isinstance(t, torch._ops.OpOverload) and t.namespace == "fusediff":
+                out[t._schema.name] = None
     return list(out)
 
 
@@ -390,14 +505,15 @@ def check_translatable(gm: fx.GraphModule, table: dict[Any, Callable] | None = N
     known = {t._schema.name for t in table}
     for name in fused_ops_in(gm):
         if name not in known:
-            raise UnsupportedOpError(name)
+            raise UnsupportedOpError(name, _WHY_UNTRANSLATED.get(name, ""))
 
 
-def _dynamic_shapes(fn: Any, args: tuple, kwargs: dict, batch: bool, spatial: bool):
+def _dynamic_shapes(fn: Any, args: tuple, kwargs: dict, batch: bool, spatial: bool, caches: tuple = ()):
     """``Dim.AUTO`` on dim 0 of every tensor input (batch) and dims 2.. of rank-4 inputs (spatial).
 
     AUTO lets torch.export keep a dim static when the model needs it (no error), so the result
-    says which dims really are dynamic.
+    says which dims really are dynamic. ``caches`` (MoDiff state inputs) get AUTO on every dim
+    but the channel dim when ``spatial`` (a linear's (N, L, K) cache follows H*W), else on dim 0.
     """
     if not (batch or spatial):
         return None
@@ -405,13 +521,17 @@ def _dynamic_shapes(fn: Any, args: tuple, kwargs: dict, batch: bool, spatial: bo
 
     sc = ShapesCollection()
     seen = False
+    cache_ids = {id(c) for c in caches}
     for t in pytree.tree_leaves((args, kwargs)):
         if not isinstance(t, torch.Tensor) or t.dim() == 0:
             continue
         spec: dict[int, Any] = {}
         if batch:
             spec[0] = Dim.AUTO
-        if spatial and t.dim() == 4:
+        if spatial and id(t) in cache_ids:
+            channel = 1 if t.dim() == 4 else t.dim() - 1
+            spec.update({i: Dim.AUTO for i in range(1, t.dim()) if i != channel})
+        elif spatial and t.dim() == 4:
             spec[2] = Dim.AUTO
             spec[3] = Dim.AUTO
         if spec:
@@ -439,6 +559,17 @@ class Prepared:
     dynamic_spatial: bool = False
     fused_ops: list[str] = field(default_factory=list)
     exported: Any = None
+    #: MoDiff state (:class:`fxpasses.modiff.StateSlot` list) when the model carries caches: then
+    #: ``gm`` captures the integer step (:class:`fxpasses.modiff.ExplicitStateModel`, ``args`` =
+    #: ``(model_args, model_kwargs, caches)``) and ``first`` the float first step (``args`` =
+    #: ``(model_args, model_kwargs)``); :func:`export_graph` joins them under one ``If``.
+    state: list = field(default_factory=list)
+    first: "Prepared | None" = None
+    model_inputs: int = 0
+    quant: str = ""
+
+    def _cache_examples(self) -> tuple:
+        return tuple(self.args[2]) if self.state and self.first is not None else ()
 
 
 def _unwrap(model_or_optimized: torch.nn.Module, rewrite_config):
@@ -457,30 +588,65 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
             rewrite_config=None) -> Prepared:
     """Capture ``model`` with ``torch.export`` (dynamic dims as requested) and run the rewrite passes.
 
-    The first half of :func:`export_onnx`; use it to export one capture at several opsets.
+    The first half of :func:`export_onnx`; use it to export one capture at several opsets. A
+    MoDiff-quantized model (:func:`fxpasses.modiff.quantize`) is captured twice, as
+    :class:`fxpasses.modiff.ExplicitStateModel` for its float first step and for its integer
+    step, with the caches as inputs/outputs (sized by one first step on the example inputs; the
+    model's own state is left as it was).
     """
-    from fxpasses.match import run_passes
+    from fxpasses import modiff
 
     model, cfg = _unwrap(model_or_optimized, rewrite_config)
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
     was_training = model.training
     model.eval()
-    dyn = None
     try:
-        dyn = _dynamic_shapes(model, args, kwargs, dynamic_batch, dynamic_spatial)
-        with torch.no_grad():
-            ep = torch.export.export(model, args, kwargs, dynamic_shapes=dyn)
-    except Exception as e:  # noqa: BLE001 - re-raised with context
-        hint = " (try dynamic_batch=False / dynamic_spatial=False)" if dyn is not None else ""
-        raise OnnxExportError(f"export_onnx: torch.export failed on {type(model).__name__}{hint}: {e}") from e
+        layers = modiff.quant_layers(model)
+        n_in = sum(1 for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+        if not any(m.state_kinds() for m in layers):
+            prep = _capture(model, args, kwargs, (), dynamic_batch, dynamic_spatial, rewrite, cfg)
+        else:
+            state = modiff.state_slots(model, args, kwargs)
+            caches = tuple(torch.zeros(sl.shape, dtype=sl.dtype, device=_device_of(model)) for sl in state)
+            prep = _capture(modiff.ExplicitStateModel(model, state, first=False).eval(), (args, kwargs, caches), {},
+                            caches, dynamic_batch, dynamic_spatial, rewrite, cfg)
+            prep.first = _capture(modiff.ExplicitStateModel(model, state, first=True).eval(), (args, kwargs), {}, (),
+                                  dynamic_batch, dynamic_spatial, rewrite, cfg)
+            prep.state = state
     finally:
         model.train(was_training)
+    prep.model_inputs = n_in
+    if layers:
+        rep = getattr(model, "_fusediff_quant_report", None)
+        prep.quant = rep.config.label if rep is not None else layers[0].mode
+    return prep
+
+
+def _capture(fn: torch.nn.Module, args: tuple, kwargs: dict, caches: tuple, dynamic_batch: bool,
+             dynamic_spatial: bool, rewrite: bool, cfg) -> Prepared:
+    from fxpasses.match import run_passes
+
+    dyn = None
+    try:
+        dyn = _dynamic_shapes(fn, args, kwargs, dynamic_batch, dynamic_spatial, caches)
+        with torch.no_grad():
+            ep = torch.export.export(fn, args, kwargs, dynamic_shapes=dyn)
+    except Exception as e:  # noqa: BLE001 - re-raised with context
+        hint = " (try dynamic_batch=False / dynamic_spatial=False)" if dyn is not None else ""
+        name = type(getattr(fn, "model", fn)).__name__
+        raise OnnxExportError(f"export_onnx: torch.export failed on {name}{hint}: {e}") from e
     gm = ep.module()
     res = run_passes(gm, cfg) if rewrite else None
     if res is not None:
         log.info("export_onnx: rewritten %s", res.rewritten)
     return Prepared(gm=gm, args=args, kwargs=kwargs, result=res, dynamic_batch=dynamic_batch,
                     dynamic_spatial=dynamic_spatial, fused_ops=fused_ops_in(gm))
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        return t.device
+    return torch.device("cpu")
 
 
 # ============================================================================ export
@@ -497,7 +663,8 @@ def _param_bytes(gm: torch.nn.Module) -> int:
 def _exported_program(prep: Prepared):
     """``torch.export`` of the rewritten graph (cached on ``prep``: one re-export for every opset)."""
     if prep.exported is None:
-        dyn = _dynamic_shapes(prep.gm, prep.args, prep.kwargs, prep.dynamic_batch, prep.dynamic_spatial)
+        dyn = _dynamic_shapes(prep.gm, prep.args, prep.kwargs, prep.dynamic_batch, prep.dynamic_spatial,
+                              prep._cache_examples())
         try:
             with torch.no_grad():
                 prep.exported = torch.export.export(prep.gm, prep.args, prep.kwargs, dynamic_shapes=dyn)
@@ -531,23 +698,10 @@ def _optimize(model) -> None:
     )(model)
 
 
-def export_graph(prep: Prepared, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
-                 attention: str = "auto", check: bool = True, optimize: bool = True) -> str:
-    """Export a :class:`Prepared` graph to ``path`` at ``opset``; returns the path.
-
-    Raises :class:`UnsupportedOpError` (op named) before exporting when a fusediff op has no
-    translation, :class:`OnnxExportError` when torch.onnx fails or ``onnx.checker`` rejects
-    the file.
-    """
-    import onnx
-
-    _check_opset(opset)
-    table = translation_table(opset, attention=attention)
+def _to_onnx(prep: Prepared, opset: int, table: dict, optimize: bool, external: bool):
+    """torch.onnx export of one capture; returns the (optimized) ``torch.onnx.ONNXProgram``."""
     check_translatable(prep.gm, table)
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     ep = _exported_program(prep)
-    external = _param_bytes(prep.gm) > EXTERNAL_DATA_BYTES
     reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     old_level = reg_log.level
     reg_log.setLevel(logging.ERROR)  # "torchvision is not installed. Skipping torchvision::nms" x4
@@ -564,8 +718,37 @@ def export_graph(prep: Prepared, path: str | os.PathLike, *, opset: int = DEFAUL
     if optimize:
         _optimize(prog.model)
     _trim_unused_outputs(prog.model)
-    prog.save(path, external_data=external)
-    model = onnx.load(path, load_external_data=False)
+    return prog
+
+
+def export_graph(prep: Prepared, path: str | os.PathLike, *, opset: int = DEFAULT_OPSET,
+                 attention: str = "auto", check: bool = True, optimize: bool = True) -> str:
+    """Export a :class:`Prepared` graph to ``path`` at ``opset``; returns the path.
+
+    Raises :class:`UnsupportedOpError` (op named) before exporting when a fusediff op has no
+    translation, :class:`OnnxExportError` when torch.onnx fails or ``onnx.checker`` rejects
+    the file. A stateful (MoDiff) capture becomes one model whose ``If`` on ``first_step`` runs
+    the float first step or the integer step (see :func:`_join_first_step`).
+    """
+    import onnx
+
+    _check_opset(opset)
+    table = translation_table(opset, attention=attention)
+    for p in (prep, prep.first):
+        if p is not None:
+            check_translatable(p.gm, table)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    external = _param_bytes(prep.gm) > EXTERNAL_DATA_BYTES
+    prog = _to_onnx(prep, opset, table, optimize, external)
+    if prep.first is None:
+        prog.save(path, external_data=external)
+        model = onnx.load(path, load_external_data=False)
+    else:
+        first = _to_onnx(prep.first, opset, table, optimize, external)
+        model = _join_first_step(first.model_proto, prog.model_proto, prep)
+        onnx.save_model(model, path, save_as_external_data=external, location=os.path.basename(path) + ".data")
+        model = onnx.load(path, load_external_data=False)
     if _name_dynamic_dims(model):
         onnx.save(model, path)
     custom = sorted({f"{n.domain}::{n.op_type}" for n in _all_nodes(model.graph) if n.domain not in ("", "ai.onnx")})
@@ -617,6 +800,126 @@ def _name_dynamic_dims(model) -> dict[str, str]:
             if d.dim_param:
                 d.dim_param = rx.sub(lambda m: ren[m.group(1)], d.dim_param)
     return ren
+
+
+STATE_KEY = "fusediff.state"
+FIRST_STEP = "first_step"
+
+
+def _join_first_step(first, step, prep: Prepared):
+    """One ModelProto from the first-step and integer-step exports of a MoDiff model.
+
+    Inputs: the model's own, then ``first_step`` (bool scalar), then ``past.<layer>.<a_hat|o_hat>``
+    (read by the integer step only); outputs: the model's own, then ``present.<layer>.<kind>``
+    in the same order, like an LLM's KV cache. One ``If(first_step)`` holds the two graphs as its
+    branches; every name inside a branch gets the branch's prefix, the weights move to the main
+    graph (shared by both branches, deduplicated), and the layout goes to the model's metadata
+    (``fusediff.state``, JSON) for :class:`StatefulSession`.
+    """
+    import json
+
+    import onnx
+    from onnx import helper
+
+    n_in, n_state = prep.model_inputs, len(prep.state)
+    fg, sg = first.graph, step.graph
+    if len(fg.input) != n_in or len(sg.input) != n_in + n_state or len(sg.output) != len(fg.output) \
+            or len(sg.output) <= n_state:
+        raise OnnxExportError(f"export_onnx: expected {n_in} model inputs (+ {n_state} caches), got "
+                              f"{len(fg.input)}/{len(sg.input)} inputs and {len(fg.output)}/{len(sg.output)} outputs")
+    n_out = len(sg.output) - n_state
+    step_in = [i.name for i in sg.input]
+    inits: list = []
+
+    def branch(g, prefix: str, outer: dict[str, str]):  # outer: the branch's input names -> main names
+        names: dict[str, str] = dict(outer)
+
+        def ren(n: str) -> str:
+            if not n:
+                return n
+            if n not in names:
+                names[n] = prefix + n
+            return names[n]
+
+        for t in g.initializer:
+            t.name = ren(t.name)
+            inits.append(t)
+        for node in g.node:
+            for a in node.attribute:
+                if a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    raise OnnxExportError("export_onnx: nested subgraphs in a MoDiff step graph are not supported")
+            node.input[:] = [ren(n) for n in node.input]
+            node.output[:] = [ren(n) for n in node.output]
+            node.name = prefix + node.name if node.name else node.name
+        outs, nodes, used = [], list(g.node), set()
+        for i, (o, so) in enumerate(zip(g.output, sg.output)):
+            vi = onnx.ValueInfoProto()
+            vi.CopyFrom(so)  # the step graph's types/shapes (the same values in both branches)
+            vi.name = ren(o.name)
+            if vi.name in outer.values() or vi.name in used:  # an input or a value leaving twice: copy it
+                fresh = f"{prefix}output_{i}"
+                nodes.append(helper.make_node("Identity", [vi.name], [fresh], name=f"{prefix}identity_{i}"))
+                vi.name = fresh
+            used.add(vi.name)
+            outs.append(vi)
+        return helper.make_graph(nodes, prefix.rstrip("/"), [], outs)
+
+    then_g = branch(fg, "first_step/", {fi.name: si for fi, si in zip(fg.input, step_in[:n_in])})
+    else_g = branch(sg, "step/", {n: n for n in step_in})
+    out_names = [o.name for o in sg.output[:n_out]] + [f"past.{sl.key}".replace("past.", "present.", 1)
+                                                        for sl in prep.state]
+    first_vi = helper.make_tensor_value_info(FIRST_STEP, onnx.TensorProto.BOOL, [])
+    inputs = list(sg.input[:n_in]) + [first_vi] + list(sg.input[n_in:])
+    for vi, sl in zip(inputs[n_in + 1:], prep.state):
+        vi.name = f"past.{sl.key}"
+    ren_in = {old: vi.name for old, vi in zip(step_in[n_in:], inputs[n_in + 1:])}
+    for node in else_g.node:  # the step branch reads the caches under their new names
+        node.input[:] = [ren_in.get(n, n) for n in node.input]
+    outputs = []
+    for name, so in zip(out_names, sg.output):
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(so)
+        vi.name = name
+        outputs.append(vi)
+    node = helper.make_node("If", [FIRST_STEP], out_names, name="first_step_if", then_branch=then_g,
+                            else_branch=else_g)
+    graph = helper.make_graph([node], step.graph.name or "fusediff", inputs, outputs, initializer=inits)
+    model = helper.make_model(graph, opset_imports=list(step.opset_import), producer_name=step.producer_name,
+                              producer_version=step.producer_version, ir_version=step.ir_version)
+    for p in step.metadata_props:
+        model.metadata_props.add(key=p.key, value=p.value)
+    model.metadata_props.add(key=STATE_KEY, value=json.dumps({
+        "first_step": FIRST_STEP, "model_inputs": n_in, "model_outputs": n_out, "quant": prep.quant,
+        "caches": [{"layer": sl.layer, "kind": sl.kind, "input": f"past.{sl.key}", "output": f"present.{sl.key}",
+                    "dtype": str(sl.dtype).replace("torch.", "")} for sl in prep.state],
+    }))
+    return _dedup_initializers(model)
+
+
+def _dedup_initializers(model):
+    """Weights shared by both branches (same bytes under two prefixes) stored once."""
+    import hashlib
+
+    from onnx import numpy_helper
+
+    keep: dict[tuple, str] = {}
+    alias: dict[str, str] = {}
+    kept = []
+    for t in model.graph.initializer:
+        raw = t.raw_data if t.HasField("raw_data") else numpy_helper.to_array(t).tobytes()
+        key = (t.data_type, tuple(t.dims), hashlib.sha1(raw).hexdigest())
+        if key in keep:
+            alias[t.name] = keep[key]
+        else:
+            keep[key] = t.name
+            kept.append(t)
+    if alias:
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(kept)
+        for g in (a.g for n in model.graph.node for a in n.attribute if a.type == a.GRAPH):
+            for n in g.node:
+                n.input[:] = [alias.get(i, i) for i in n.input]
+    return model
 
 
 def _trim_unused_outputs(model) -> None:
@@ -718,6 +1021,122 @@ def run_onnx(path: str | os.PathLike, *inputs: Any, session=None) -> list[np.nda
     for name, x in zip(names, inputs):
         feed[name] = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
     return list(sess.run(None, feed))
+
+
+def state_spec(path_or_model) -> dict | None:
+    """The MoDiff state layout of an exported model (see :func:`_join_first_step`), or None (stateless)."""
+    import json
+
+    import onnx
+
+    m = onnx.load(os.fspath(path_or_model), load_external_data=False) if isinstance(path_or_model, (str, os.PathLike)) \
+        else path_or_model
+    for p in m.metadata_props:
+        if p.key == STATE_KEY:
+            return json.loads(p.value)
+    return None
+
+
+def _resolve_dim(d, env: dict[str, int], what: str) -> int:
+    """A cache dim from the session's input metadata: an int, a symbol or an expression of symbols."""
+    import re
+
+    if isinstance(d, int):
+        return d
+    expr = str(d)
+    funcs = {"floor": math.floor, "ceil": math.ceil, "min": min, "max": max}
+    unknown = set(re.findall(r"[A-Za-z_]\w*", expr)) - env.keys() - funcs.keys()
+    if unknown or not re.fullmatch(r"[\w+\-*/%(), ]+", expr):
+        raise ValueError(f"StatefulSession: cannot size cache {what}: dim {expr!r} is not determined by the model inputs")
+    return int(eval(expr, {"__builtins__": {}}, {**funcs, **env}))  # noqa: S307 - names and chars checked above
+
+
+class StatefulSession:
+    """Run a MoDiff-quantized ONNX export over a sampling trajectory with onnxruntime.
+
+    Holds the caches between calls: the first call after construction or :meth:`reset` feeds
+    ``first_step = True`` (float step; â/ô seeded), every later call the integer path with the
+    caches the previous call returned. Like the PyTorch model, a batch or shape change in the
+    middle of a trajectory raises (``on_shape_change="error"``) or starts a new trajectory
+    (``"reseed"``); caches are never broadcast.
+
+    Example:
+        >>> sess = StatefulSession("unet_w8a8.onnx")
+        >>> with sess.trajectory():
+        ...     for t in timesteps:
+        ...         (eps,) = sess(x_t, t)
+    """
+
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, on_shape_change: str = "error",
+                 session=None) -> None:
+        if on_shape_change not in ("error", "reseed"):
+            raise ValueError(f"StatefulSession: on_shape_change must be 'error' or 'reseed', got {on_shape_change!r}")
+        spec = state_spec(path)
+        if spec is None:
+            raise ValueError(f"StatefulSession: {os.fspath(path)} carries no MoDiff state (export a quantized model, "
+                             "or run the file with run_onnx)")
+        self.path, self.spec, self.on_shape_change = os.fspath(path), spec, on_shape_change
+        self.session = session or make_session(path, threads=threads)
+        ins = self.session.get_inputs()
+        self._model_in = ins[:spec["model_inputs"]]
+        by_name = {i.name: i for i in ins}
+        self._cache_in = [by_name[c["input"]] for c in spec["caches"]]
+        self._out_names = [o.name for o in self.session.get_outputs()]
+        self.reset()
+
+    @property
+    def first_step(self) -> bool:
+        """True when the next call starts a trajectory."""
+        return self._caches is None
+
+    def reset(self) -> None:
+        """Start a new trajectory: the next call is a first step; nothing of the last one is kept."""
+        self._caches: list[np.ndarray] | None = None
+        self._shapes: list[tuple] | None = None
+
+    @contextlib.contextmanager
+    def trajectory(self):
+        """``with sess.trajectory():`` resets on entry."""
+        self.reset()
+        yield self
+
+    def _initial_caches(self, feeds: list[np.ndarray]) -> list[np.ndarray]:
+        env: dict[str, int] = {}
+        for meta, x in zip(self._model_in, feeds):
+            for d, n in zip(meta.shape, x.shape):
+                if isinstance(d, str):
+                    env.setdefault(d, int(n))
+        out = []
+        for meta, c in zip(self._cache_in, self.spec["caches"]):
+            shape = [_resolve_dim(d, env, c["input"]) for d in meta.shape]
+            out.append(np.zeros(shape, dtype=np.dtype(c["dtype"]) if c["dtype"] != "bfloat16" else np.float32))
+        return out
+
+    def __call__(self, *inputs: Any) -> list[np.ndarray]:
+        """One denoiser call; returns the model's outputs (the caches stay inside the session)."""
+        n = self.spec["model_inputs"]
+        if len(inputs) != n:
+            raise ValueError(f"StatefulSession: the model takes {n} inputs {[i.name for i in self._model_in]}, "
+                             f"got {len(inputs)}")
+        feeds = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x) for x in inputs]
+        shapes = [f.shape for f in feeds]
+        if self._caches is not None and shapes != self._shapes:
+            if self.on_shape_change == "error":
+                raise ValueError(f"StatefulSession: input shapes {shapes} differ from {self._shapes} in the middle of a "
+                                 "trajectory; MoDiff caches are never broadcast. Call reset() (or use `with "
+                                 "sess.trajectory():`) before a new batch/shape, or on_shape_change='reseed'.")
+            log.warning("StatefulSession: input shapes %s -> %s mid-trajectory; starting a new trajectory", self._shapes,
+                        shapes)
+            self.reset()
+        first = self._caches is None
+        caches = self._initial_caches(feeds) if first else self._caches
+        feed = {m.name: f for m, f in zip(self._model_in, feeds)}
+        feed[self.spec["first_step"]] = np.array(first)
+        feed.update({m.name: c for m, c in zip(self._cache_in, caches)})
+        outs = self.session.run(None, feed)
+        m = self.spec["model_outputs"]
+        self._caches, self._shapes = list(outs[m:]), shapes
+        return list(outs[:m])
 
 
 def compare_latency(model: torch.nn.Module, args: tuple, kwargs: dict | None, path: str | os.PathLike, *,
