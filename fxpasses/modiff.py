@@ -612,8 +612,10 @@ class QuantLinear(_QuantLayer):
         bias = self.bias if self.bias is not None else self.w_scale  # placeholder operand
         if self._explicit is not None:  # ô from and to the caller (ONNX export): first step computes
             io = self._explicit
-            o_prev = io.cache(self.path, "o_hat")
-            out = (self._ctx_miss if io.first_step else self._ctx_hit)(a, o_prev, self.w_q, self.w_scale, bias)
+            if io.first_step:  # the cache is not read: an empty tensor carries its dtype
+                out = self._ctx_miss(a, a.new_empty(0, dtype=self.cache_dtype), self.w_q, self.w_scale, bias)
+            else:
+                out = self._ctx_hit(a, io.cache(self.path, "o_hat"), self.w_q, self.w_scale, bias)
             io.put(self.path, "o_hat", out.contiguous())
             return out
         self._check_state(a, out_shape)

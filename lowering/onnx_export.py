@@ -1260,7 +1260,31 @@ def _fx_source(meta: dict[str, str]) -> str:
     return tgt
 
 
-def onnx_to_networkx(model, *, title: str = "", initializers: bool = False):
+def _branch_view(model, branch: str):
+    """A MoDiff export (one ``If`` on ``first_step``) seen as the plain graph of one of its branches:
+    ``"step"`` (the integer step, what runs on all but the first call) or ``"first_step"``."""
+    import onnx
+
+    if branch not in ("step", "first_step"):
+        raise ValueError(f"onnx_to_networkx: branch must be 'step' or 'first_step', got {branch!r}")
+    g = model.graph
+    if len(g.node) != 1 or g.node[0].op_type != "If" or g.node[0].input[0] != FIRST_STEP:
+        return model
+    attr = "else_branch" if branch == "step" else "then_branch"
+    sub = next(a.g for a in g.node[0].attribute if a.name == attr)
+    view = onnx.ModelProto()
+    view.CopyFrom(model)
+    del view.graph.node[:]
+    view.graph.node.extend(sub.node)
+    del view.graph.output[:]
+    for so, mo in zip(sub.output, g.output):  # the branch's values under the model's output names
+        view.graph.node.append(onnx.helper.make_node("Identity", [so.name], [mo.name], name=f"output_{mo.name}"))
+    view.graph.output.extend(g.output)
+    view.graph.value_info.extend(sub.value_info)
+    return view
+
+
+def onnx_to_networkx(model, *, title: str = "", initializers: bool = False, branch: str = "step"):
     """An exported ONNX model as the networkx graph :mod:`fxpasses.visualize` draws.
 
     One node per ONNX node (plus graph inputs and outputs), edges along tensors. Node attributes
@@ -1276,6 +1300,8 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False):
         model: an ``onnx.ModelProto`` or a path to one.
         title: picture title.
         initializers: keep weight initializers as input nodes (hidden by default).
+        branch: for a MoDiff export (one ``If`` on ``first_step``), which branch to draw:
+            ``"step"`` (integer step, default) or ``"first_step"``.
     """
     import networkx as nx
     import onnx
@@ -1284,6 +1310,7 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False):
 
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model), load_external_data=False)
+    model = _branch_view(model, branch)
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception:  # noqa: BLE001 - shapes are decoration only
@@ -1389,6 +1416,10 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     model, args, kwargs = resolve(a.model)
     model.eval()
+    if a.quant:
+        from fxpasses import modiff
+
+        model = modiff.quantize(model, parse_quant(a.quant), example_args=args, example_kwargs=kwargs, inplace=False)
     out = a.out or f"{a.model.replace(':', '_').replace('/', '_')}.onnx"
     prep = prepare(model, args, example_kwargs=kwargs, dynamic_batch=not a.static_batch,
                    dynamic_spatial=a.dynamic_spatial, rewrite=not a.no_rewrite)
@@ -1397,15 +1428,28 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     m = onnx.load(out, load_external_data=False)
     counts: dict[str, int] = {}
-    for n in m.graph.node:
+    for n in _all_nodes(m.graph):
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
-    print(f"wrote {out} (opset {a.opset}, {len(m.graph.node)} nodes)")
+    print(f"wrote {out} (opset {a.opset}, {len(_all_nodes(m.graph))} nodes)")
+    if prep.state:
+        print(f"MoDiff state ({prep.quant}): first_step + {len(prep.state)} caches in (past.*) and out (present.*), "
+              f"{sum(math.prod(sl.shape) * sl.dtype.itemsize for sl in prep.state) / 2**20:.2f} MiB")
     if prep.result is not None:
         print(f"rewritten: {prep.result.rewritten}")
     print("inputs:  " + ", ".join(f"{i.name}{_fmt_dims(i)}" for i in m.graph.input))
     print("outputs: " + ", ".join(f"{o.name}{_fmt_dims(o)}" for o in m.graph.output))
     print("ops:     " + ", ".join(f"{k}x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-    if a.check:
+    if a.check and prep.state:  # first step (float) and one integer step, from the same input
+        from fxpasses import modiff
+
+        sess = StatefulSession(out)
+        with torch.no_grad(), modiff.preserve_state(model), modiff.trajectory(model):
+            for step in ("first step", "integer step"):
+                ref_t = [t for t in pytree.tree_leaves(model(*args, **kwargs)) if isinstance(t, torch.Tensor)]
+                got = sess(*onnx_inputs(args, kwargs))
+                err = max(float(np.abs(g - r.numpy()).max()) for g, r in zip(got, ref_t))
+                print(f"onnxruntime vs eager ({step}): max abs error {err:.3e}")
+    elif a.check:
         with torch.no_grad():
             ref = model(*args, **kwargs)
         ref_t = [t for t in pytree.tree_leaves(ref) if isinstance(t, torch.Tensor)]
@@ -1423,6 +1467,18 @@ def _fmt_dims(vi) -> str:
     return "[" + ",".join(dims) + "]"
 
 
+def parse_quant(spec: str):
+    """``"modiff-w8a4"`` -> ``QuantConfig(mode="modiff", w_bits=8, a_bits=4)`` (CLI ``--quant``)."""
+    import re
+
+    from fxpasses.modiff import QuantConfig
+
+    m = re.fullmatch(r"(baseline|modiff)[-_:]w(\d+)a(\d+)", spec.strip().lower())
+    if m is None:
+        raise ValueError(f"--quant: expected MODE-WxAy such as 'modiff-w8a8' or 'baseline-w8a4', got {spec!r}")
+    return QuantConfig(mode=m.group(1), w_bits=int(m.group(2)), a_bits=int(m.group(3)))
+
+
 def add_cli(subparsers) -> None:
     """Add the ``export-onnx`` subcommand to the ``fusediff`` CLI's subparsers."""
     p = subparsers.add_parser("export-onnx", help="export a (rewritten) model to standard ONNX")
@@ -1435,6 +1491,8 @@ def add_cli(subparsers) -> None:
                    help="ONNX Attention (opset >= 23) or MatMul/Softmax")
     p.add_argument("--static-batch", action="store_true", help="do not make the batch dim dynamic")
     p.add_argument("--dynamic-spatial", action="store_true", help="make H, W dynamic where the model allows")
+    p.add_argument("--quant", default=None, metavar="MODE-WxAy",
+                   help="quantize first (fxpasses.modiff): modiff-w8a8, baseline-w8a4, modiff-w4a8, ...")
     p.add_argument("--check", action="store_true", help="run with onnxruntime and compare with eager")
     p.add_argument("--viz", default=None, metavar="DIR", help="also write pictures of the ONNX graph to DIR")
     p.set_defaults(fn=_cmd_export)

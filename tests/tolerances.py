@@ -41,6 +41,20 @@ LOWP_FLOOR: dict[torch.dtype, float] = {torch.float16: 1e-3, torch.bfloat16: 8e-
 # Minimum SQNR (dB) of dequantized outputs vs the float reference.
 SQNR_DB: dict[str, float] = {"int8": 28.0, "int4": 14.0}
 
+# Quantized models in another runtime (ONNX Runtime vs PyTorch, tests/lowering/test_onnx_modiff.py).
+# A quantized net is discontinuous: a 1e-7 float difference upstream can move a value across a
+# rounding boundary (one level), so parity is judged like quantization itself, by SQNR and by
+# error against the float model, not by a fixed atol.
+# One step from identical inputs and caches: measured 54 dB (zoo:ddpm MoDiff W8A8, integer step),
+# >= 100 dB on the float first step.
+ONNX_QUANT_STEP_SQNR_DB: float = 35.0
+# A whole trajectory: the runtime's error against the FP32 trajectory may be at most this ratio x
+# PyTorch's own quantization error (plus a floor). Measured (digits, DDIM-10, 8 samples): final
+# latent error vs FP32 MoDiff W8A8 ORT 0.008 / PyTorch 0.025; W8A4 0.075 / 0.055; baseline W8A8
+# 0.044 / 0.065: the two runtimes draw different rounding noise of the same size.
+QUANT_TRAJECTORY_ERR_RATIO: float = 2.0
+QUANT_TRAJECTORY_ERR_FLOOR: float = 0.01
+
 # End-to-end model parity (rewritten graph vs eager, fp32).
 MODEL_TOL: tuple[float, float] = (1e-4, 1e-4)
 # Whole sampling trajectories (errors compound over steps), fp32. Measured: DDIMPipeline on the

@@ -320,3 +320,47 @@ def test_gpu_table3_shapes(cin, cout, k, hw, w_bits):
     out_r = CV.int8_conv2d_ref(q, s, p["w_q"], p["w_scale"], None, o_hat_r, torch.zeros(8, cin, hw, hw, device=dev),
                                primed, 1, pad, w_bits, k)
     assert_close(out, out_r, TOL_LONG_REDUCTION)
+
+
+# ------------------------------------------------------------------------------------------------
+# fusediff::int8_conv2d_baseline: the pure (cache-free) form, same kernel
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("shape,cout,k,stride,padding,per_sample", [
+    ((2, 5, 7, 9), 6, 3, 1, 1, True),    # odd channels, non-pow2 spatial
+    ((3, 12, 6, 6), 9, 3, 2, 1, False),  # stride 2, per-tensor scale
+    ((1, 7, 5, 3), 4, 1, 1, 0, True),    # 1x1
+])
+def test_baseline_op_equals_reference_and_int8_conv2d(w_bits, shape, cout, k, stride, padding, per_sample):
+    q = _q(shape)
+    s = torch.rand(shape[0] if per_sample else 1) + 0.01
+    p = CV.prepare_conv_weight(torch.randn(cout, shape[1], k, k), w_bits)
+    b = torch.randn(cout)
+    args = (q, s, p["w_q"], p["w_scale"], b)
+    geo = (stride, padding, w_bits, k)
+    before = common.DISPATCH_COUNTS[("int8_conv2d_baseline", "triton")]
+    got = torch.ops.fusediff.int8_conv2d_baseline(*args, *geo)
+    assert common.DISPATCH_COUNTS[("int8_conv2d_baseline", "triton")] == before + 1  # the kernel ran
+    ref = CV.int8_conv2d_ref(*args, None, None, None, *geo)
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    assert_close(got, ref, TOL_LONG_REDUCTION)
+    # same kernel and epilogue as the cache-free form of int8_conv2d
+    assert torch.equal(got, torch.ops.fusediff.int8_conv2d(*args, None, None, None, *geo))
+    # integer accumulator exact: unit scales, no bias
+    ones = torch.ones(cout)
+    acc = torch.ops.fusediff.int8_conv2d_baseline(q, torch.ones(1), p["w_q"], ones, None, *geo)
+    assert torch.equal(acc, CV.int8_conv2d_acc_ref(q, p["w_q"], *geo).float())
+
+
+def test_baseline_op_opcheck_and_compile():
+    q = _q((2, 6, 5, 7))
+    s = torch.rand(2) + 0.01
+    p = CV.prepare_conv_weight(torch.randn(8, 6, 3, 3), 4)
+    args = (q, s, p["w_q"], p["w_scale"], torch.randn(8), 2, 1, 4, 3)
+    torch.library.opcheck(torch.ops.fusediff.int8_conv2d_baseline.default, args)
+    fn = torch.compile(lambda *a: torch.ops.fusediff.int8_conv2d_baseline(*a) * 2, backend="aot_eager", fullgraph=True)
+    assert_close(fn(*args), torch.ops.fusediff.int8_conv2d_baseline(*args) * 2)
+    with pytest.raises(ValueError, match="w_scale"):
+        torch.ops.fusediff.int8_conv2d_baseline(q, s, p["w_q"], p["w_scale"][:3], None, 1, 1, 4, 3)

@@ -1,6 +1,8 @@
 """kernels/linear_int8.py: INT8/INT4-weight linear with the MoDiff epilogue and fused GEGLU."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -237,3 +239,44 @@ def test_gpu_real_shapes(t, k, f, geglu, w_bits):
     out_r = LN.int8_linear_ref(q, s, p["w_q"], p["w_scale"], None, o_hat_r, a_hat, primed, w_bits, geglu)
     assert_close(out, out_r, TOL_LONG_REDUCTION)
     assert_close(o_hat, o_hat_r, TOL_LONG_REDUCTION)
+
+
+# ------------------------------------------------------------------------------------------------
+# fusediff::int8_linear_baseline: the pure (cache-free) form, same kernel
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("w_bits", [8, 4])
+@pytest.mark.parametrize("shape,f,scales,geglu", [
+    ((2, 77, 24), 10, "sample", False),   # 77 tokens (text context), odd F
+    ((3, 5, 17), 12, "token", True),      # per-token scales, odd K, GEGLU
+    ((4, 33), 7, "tensor", False),        # 2-D, per-tensor scale
+])
+def test_baseline_op_equals_reference_and_int8_linear(w_bits, shape, f, scales, geglu):
+    q = torch.randint(-127, 128, shape, dtype=torch.int8)
+    rows = math.prod(shape[:-1])
+    n = {"sample": shape[0], "token": rows, "tensor": 1}[scales]
+    s = torch.rand(n) + 0.01
+    p = LN.prepare_linear_weight(torch.randn(2 * f if geglu else f, shape[-1]), w_bits)
+    b = torch.randn(p["w_q"].shape[0])
+    before = common.DISPATCH_COUNTS[("int8_linear_baseline", "triton")]
+    got = torch.ops.fusediff.int8_linear_baseline(q, s, p["w_q"], p["w_scale"], b, w_bits, geglu)
+    assert common.DISPATCH_COUNTS[("int8_linear_baseline", "triton")] == before + 1  # the kernel ran
+    ref = LN.int8_linear_ref(q, s, p["w_q"], p["w_scale"], b, None, None, None, w_bits, geglu)
+    assert got.shape == shape[:-1] + (f,) and got.dtype == torch.float32
+    assert_close(got, ref, TOL_LONG_REDUCTION)
+    assert torch.equal(got, torch.ops.fusediff.int8_linear(q, s, p["w_q"], p["w_scale"], b, None, None, None, w_bits,
+                                                            geglu))
+    acc = torch.ops.fusediff.int8_linear_baseline(q, torch.ones(1), p["w_q"], torch.ones(p["w_q"].shape[0]), None,
+                                                  w_bits, False)
+    assert torch.equal(acc, LN.int8_linear_acc_ref(q, p["w_q"], w_bits).float())  # exact integer accumulator
+
+
+def test_baseline_op_opcheck_and_compile():
+    q = torch.randint(-127, 128, (2, 5, 17), dtype=torch.int8)
+    s = torch.rand(10) + 0.01
+    p = LN.prepare_linear_weight(torch.randn(12, 17), 4)
+    args = (q, s, p["w_q"], p["w_scale"], torch.randn(12), 4, True)
+    torch.library.opcheck(torch.ops.fusediff.int8_linear_baseline.default, args)
+    fn = torch.compile(lambda *a: torch.ops.fusediff.int8_linear_baseline(*a) + 1, backend="aot_eager", fullgraph=True)
+    assert_close(fn(*args), torch.ops.fusediff.int8_linear_baseline(*args) + 1)
