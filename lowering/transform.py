@@ -20,6 +20,7 @@ from fxpasses.canonicalize import canonicalize
 from fxpasses.capture import capture_export
 from fxpasses.config import RewriteConfig
 from fxpasses.match import PassResult, apply_rewrites, find_sites
+from fxpasses.modiff import QuantConfig
 from lowering.select import POLICIES, Selector
 from lowering.verify import VerifyFailure, verify_graph
 
@@ -39,6 +40,8 @@ class OptimizeConfig:
             fused elsewhere), ``"time"``, ``"always"``, ``"never"`` (see lowering/select.py).
         verify: on the first call of each signature, check every rewritten region against the
             original math and fall back (with a logged reason) where it is out of tolerance.
+        quant: MoDiff/baseline low-bit quantization (:class:`fxpasses.modiff.QuantConfig`) applied
+            by :func:`optimize` before the rewrite, to a copy of the model; None: float.
     """
 
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
@@ -46,6 +49,7 @@ class OptimizeConfig:
     max_signatures: int = 8
     selection: str = "auto"
     verify: bool = False
+    quant: QuantConfig | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.rewrite, RewriteConfig):
@@ -58,6 +62,8 @@ class OptimizeConfig:
             raise ValueError(f"OptimizeConfig.selection must be one of {list(POLICIES)}, got {self.selection!r}")
         if not isinstance(self.verify, bool):
             raise TypeError(f"OptimizeConfig.verify must be a bool, got {self.verify!r}")
+        if self.quant is not None and not isinstance(self.quant, QuantConfig):
+            raise TypeError(f"OptimizeConfig.quant must be a fxpasses.modiff.QuantConfig or None, got {self.quant!r}")
 
 
 def first_device(args: tuple, kwargs: dict) -> torch.device:
@@ -209,26 +215,39 @@ class OptimizedModule(torch.nn.Module):
         return self
 
 
-def optimize(model: torch.nn.Module, config: OptimizeConfig | RewriteConfig | None = None, *,
+def optimize(model: torch.nn.Module, config: OptimizeConfig | RewriteConfig | QuantConfig | None = None, *,
              example_args: tuple = (), example_kwargs: dict | None = None) -> OptimizedModule:
     """Rewrite ``model``'s U-Net patterns into fusediff kernels; returns an eager module.
 
     Args:
         model: any ``nn.Module`` that ``torch.export`` can capture (diffusers U-Nets, LDM/EDM2 nets).
-        config: :class:`OptimizeConfig` (or just a :class:`RewriteConfig`).
+        config: :class:`OptimizeConfig`, or just a :class:`RewriteConfig`, or a
+            :class:`fxpasses.modiff.QuantConfig` (= ``OptimizeConfig(quant=...)``): then a copy of
+            ``model`` is quantized first (``model`` itself stays float) and the result carries the
+            MoDiff state; start each sampling run with ``fusediff.reset(result)`` or
+            ``with fusediff.trajectory(result):``.
         example_args / example_kwargs: optional inputs to capture right away (else on first call).
     Returns:
-        :class:`OptimizedModule` sharing ``model``'s parameters.
+        :class:`OptimizedModule` sharing ``model``'s parameters (its quantized copy's with ``quant``).
     Example:
         >>> fast = fusediff.optimize(unet.eval())
         >>> with torch.no_grad():
         ...     out = fast(latents, t, encoder_hidden_states=ctx)
+        >>> q = fusediff.optimize(unet.eval(), fusediff.QuantConfig(mode="modiff", a_bits=4), example_args=(latents, t))
     """
     if isinstance(config, RewriteConfig):
         config = OptimizeConfig(rewrite=config)
+    elif isinstance(config, QuantConfig):
+        config = OptimizeConfig(quant=config)
     config = config or OptimizeConfig()
     if not isinstance(config, OptimizeConfig):
-        raise TypeError(f"optimize: config must be OptimizeConfig or RewriteConfig, got {type(config).__name__}")
+        raise TypeError(f"optimize: config must be OptimizeConfig, RewriteConfig or QuantConfig, got "
+                        f"{type(config).__name__}")
+    if config.quant is not None:
+        from fxpasses.modiff import quantize
+
+        model = quantize(model, config.quant, example_args=tuple(example_args), example_kwargs=example_kwargs,
+                         inplace=False)
     om = OptimizedModule(model, config)
     if example_args or example_kwargs:
         with torch.no_grad():

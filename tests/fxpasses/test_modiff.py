@@ -624,6 +624,29 @@ def test_optimize_export_path_handles_cache_mutation(zoo_models, name):
         assert torch.equal(v, eager_bufs[k]), k
 
 
+@pytest.mark.parametrize("example", [True, False])
+def test_optimize_with_a_quant_config(zoo_models, example):
+    """fusediff.optimize(model, QuantConfig(...)) quantizes a copy (the model stays float) and runs
+    it rewritten: equal to quantize() + optimize(), trajectory after trajectory, no state leak."""
+    model, args, kwargs = zoo_models["tiny"]
+    c = cfg(mode="modiff", a_bits=4)
+    ex = dict(example_args=args, example_kwargs=kwargs) if example else {}
+    om = fusediff.optimize(model, c, **ex)
+    assert not md.quant_layers(model) and md.quant_layers(om) and om._fd_config.quant == c
+    ref = fusediff.optimize(md.quantize(model, c, inplace=False, **ex))
+    calls = steps_inputs(args, 3)
+    outs = []
+    for _ in range(2):
+        with fusediff.trajectory(om), fusediff.trajectory(ref):
+            outs.append((run(om, calls, kwargs), run(ref, calls, kwargs)))
+    for got, want in outs:
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][0], outs[1][0]))
+    with pytest.raises(TypeError, match="OptimizeConfig.quant"):
+        fusediff.OptimizeConfig(quant="w8a8")
+
+
 def test_float_rewrites_still_apply_to_quantized_model(zoo_models):
     """GroupNorm(+SiLU), attention and GEGLU rewrites of fxpasses.match find the same sites in the
     quantized LDM as in the float one; the rewritten graph's float first step matches eager."""
