@@ -66,6 +66,20 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+#: The one tile the int8 GEMMs use under the interpreter: CPU tests must not autotune; small
+#: enough that tests cover several M/N tiles and K blocks, int8 dot minimums kept.
+INTERPRET_GEMM_TILE = (64, 16, 32, 4, 1)
+
+
+def gemm_configs(tiles: list[tuple[int, int, int, int, int]], group_m: int = 8) -> list:
+    """``triton.Config`` list from ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` tiles;
+    a single :data:`INTERPRET_GEMM_TILE` config (GROUP_M 4) under the interpreter."""
+    if interpret_mode():
+        tiles, group_m = [INTERPRET_GEMM_TILE], 4
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m}, num_warps=w, num_stages=st)
+            for bm, bn, bk, w, st in tiles]
+
+
 # ----------------------------------------------------------------------------- shared @triton.jit helpers
 if HAS_TRITON:
     @triton.jit

@@ -75,24 +75,18 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # ------------------------------------------------------------------------------------------------
 
 
-def _conv_configs():
-    if _common.interpret_mode():
-        # Small tiles so CPU tests cover several M/N tiles and K blocks; int8 dot minimums kept.
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    cfgs = []
-    for bm, bn, bk, w, st in [
-        (128, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (64, 64, 32, 2, 5),
-        (32, 64, 64, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st))
-    return cfgs
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_CONV_TILES = [
+    (128, 128, 64, 4, 4),
+    (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 64, 32, 2, 5),
+    (32, 64, 64, 4, 4),
+]
 
 
 def _prune_conv_configs(configs, named_args, **kwargs):
@@ -126,7 +120,7 @@ if _common.HAS_TRITON:
         return (nib - ((nib >> 3) << 4)).to(tl.int8)
 
     @triton.autotune(
-        configs=_conv_configs(),
+        configs=_common.gemm_configs(_CONV_TILES),
         key=["Cin", "Cout", "Hout", "Wout", "Nimg", "KH", "STRIDE", "W_BITS", "HAS_OHAT", "ACC_ONLY"],
         prune_configs_by={"early_config_prune": _prune_conv_configs},
         restore_value=["ohat_ptr"],  # benchmarking reruns would otherwise add ô twice
@@ -428,9 +422,15 @@ def int8_conv2d(
     if o_hat is not None and not bool(primed):
         _common.record("int8_conv2d_first_step", "reference")
         return _first_step(a_hat, w_q, w_scale, bias, o_hat, stride, padding, w_bits, k_size)
-    tensors = [t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None]
-    path = _common.choose_path(*tensors)
-    _common.record("int8_conv2d", path)
+    return _dispatch("int8_conv2d", out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding,
+                     w_bits, k_size)
+
+
+def _dispatch(name, out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits,
+              k_size) -> torch.Tensor:
+    """The integer path of both ops: the Triton kernel (recorded as ``name``) or the reference."""
+    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None))
+    _common.record(name, path)
     if path == "triton":
         out = _new_out(out_shape, o_hat, q.device)
         return _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, stride, padding, w_bits, k_size, False)
@@ -462,12 +462,8 @@ def int8_conv2d_baseline(
     explicit inputs/outputs (``torch.cond`` branches, ONNX export). Returns fp32 channels_last.
     """
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, stride, padding, w_bits, k_size)
-    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias) if t is not None))
-    _common.record("int8_conv2d_baseline", path)
-    if path == "triton":
-        out = _new_out(out_shape, None, q.device)
-        return _launch(q, act_scale, w_q, w_scale, bias, None, out, stride, padding, w_bits, k_size, False)
-    return int8_conv2d_ref(q, act_scale, w_q, w_scale, bias, None, None, None, stride, padding, w_bits, k_size)
+    return _dispatch("int8_conv2d_baseline", out_shape, q, act_scale, w_q, w_scale, bias, None, None, None, stride,
+                     padding, w_bits, k_size)
 
 
 @int8_conv2d_baseline.register_fake

@@ -62,22 +62,17 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # ------------------------------------------------------------------------------------------------
 
 
-def _linear_configs():
-    if _common.interpret_mode():
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=4, num_stages=1)]
-    cfgs = []
-    for bm, bn, bk, w, st in [
-        (128, 128, 64, 4, 4),
-        (128, 128, 128, 8, 3),
-        (128, 256, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 64, 64, 4, 4),
-        (64, 64, 64, 4, 4),
-        (32, 64, 128, 4, 4),
-        (16, 64, 128, 4, 4),
-    ]:
-        cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=st))
-    return cfgs
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+_LINEAR_TILES = [
+    (128, 128, 64, 4, 4),
+    (128, 128, 128, 8, 3),
+    (128, 256, 64, 8, 3),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (32, 64, 128, 4, 4),
+    (16, 64, 128, 4, 4),
+]
 
 
 def _prune_linear_configs(configs, named_args, **kwargs):
@@ -111,7 +106,7 @@ if _common.HAS_TRITON:
         return o
 
     @triton.autotune(
-        configs=_linear_configs(),
+        configs=_common.gemm_configs(_LINEAR_TILES),
         key=["T", "F", "K", "W_BITS", "HAS_OHAT", "GEGLU", "ACC_ONLY"],
         prune_configs_by={"early_config_prune": _prune_linear_configs},
         restore_value=["ohat_ptr"],  # benchmarking reruns would otherwise add ô twice
@@ -372,9 +367,13 @@ def int8_linear(
     if o_hat is not None and not bool(primed):
         _common.record("int8_linear_first_step", "reference")
         return _first_step(a_hat, w_q, w_scale, bias, o_hat, w_bits, geglu)
-    tensors = [t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None]
-    path = _common.choose_path(*tensors)
-    _common.record("int8_linear", path)
+    return _dispatch("int8_linear", out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+
+
+def _dispatch(name, out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu) -> torch.Tensor:
+    """The integer path of both ops: the Triton kernel (recorded as ``name``) or the reference."""
+    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None))
+    _common.record(name, path)
     if path == "triton":
         out = _new_out(out_shape, o_hat, q.device)
         return _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, w_bits, geglu, False)
@@ -403,12 +402,8 @@ def int8_linear_baseline(
     when the caches are explicit inputs/outputs (``torch.cond`` branches, ONNX export). fp32 output.
     """
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, w_bits, geglu)
-    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias) if t is not None))
-    _common.record("int8_linear_baseline", path)
-    if path == "triton":
-        out = _new_out(out_shape, None, q.device)
-        return _launch(q, act_scale, w_q, w_scale, bias, None, out, w_bits, geglu, False)
-    return int8_linear_ref(q, act_scale, w_q, w_scale, bias, None, None, None, w_bits, geglu)
+    return _dispatch("int8_linear_baseline", out_shape, q, act_scale, w_q, w_scale, bias, None, None, None, w_bits,
+                     geglu)
 
 
 @int8_linear_baseline.register_fake

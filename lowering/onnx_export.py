@@ -1139,6 +1139,20 @@ class StatefulSession:
         return list(outs[:m])
 
 
+def time_ms(fn: Callable[[], Any], *, warmup: int = 3, reps: int = 20) -> list[float]:
+    """Wall times of ``reps`` calls of ``fn`` in ms (``time.perf_counter``), after ``warmup`` calls."""
+    import time
+
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return ts
+
+
 def compare_latency(model: torch.nn.Module, args: tuple, kwargs: dict | None, path: str | os.PathLike, *,
                     threads: int | None = None, warmup: int = 3, reps: int = 20) -> dict[str, float]:
     """CPU latency of PyTorch eager ``model(*args, **kwargs)`` vs onnxruntime on ``path``.
@@ -1149,21 +1163,10 @@ def compare_latency(model: torch.nn.Module, args: tuple, kwargs: dict | None, pa
     "ort_min_ms", "speedup"}`` (medians unless ``_min``; speedup = eager median / ORT median).
     """
     import statistics
-    import time
 
     kwargs = dict(kwargs or {})
     threads = threads or torch.get_num_threads()
-
-    def timed(fn) -> list[float]:
-        for _ in range(warmup):
-            fn()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            ts.append((time.perf_counter() - t0) * 1e3)
-        return ts
-
+    timed = lambda fn: time_ms(fn, warmup=warmup, reps=reps)  # noqa: E731
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
