@@ -44,6 +44,7 @@ import contextlib
 import copy
 import fnmatch
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Union
 
@@ -88,6 +89,7 @@ __all__ = [
     "explicit_state",
     "state_slots",
     "ExplicitStateModel",
+    "GainScaled",
 ]
 
 #: Module-path patterns kept float by default: time embeddings (and the per-block projections of
@@ -97,6 +99,7 @@ __all__ = [
 DEFAULT_EXCLUDE: tuple[str, ...] = (
     "time_embedding", "time_embed", "time_proj", "time_emb_proj", "emb_layers", "emb",
     "class_embedding", "label_emb", "add_embedding", "add_time_proj",
+    "emb_noise", "emb_label", "emb_linear",  # EDM2: noise/class embeddings and per-block projections
 )
 
 _MODES = ("baseline", "modiff")
@@ -670,9 +673,58 @@ def _int_padding(conv: nn.Module) -> int:
 # ------------------------------------------------------------------------------------------------
 
 
+def _is_mpconv(mod: nn.Module) -> bool:
+    """EDM2's magnitude-preserving conv/linear (``networks_edm2.MPConv`` and the zoo's copy): a
+    weight only, ``forward(x, gain=1)``, the weight normalized on every call (EDM2 eq. 47, 66)."""
+    w = getattr(mod, "weight", None)
+    return type(mod).__name__ == "MPConv" and isinstance(w, torch.Tensor) and w.dim() in (2, 4)
+
+
+def _mp_weight(w: torch.Tensor) -> torch.Tensor:
+    """The weight an eval-mode MPConv computes with, for gain 1: ``normalize(w) / sqrt(fan_in)``."""
+    w = w.detach().float()
+    norm = torch.linalg.vector_norm(w, dim=list(range(1, w.dim())), keepdim=True)
+    norm = 1e-4 + norm * math.sqrt(norm.numel() / w.numel())  # EDM2 normalize(), eps 1e-4
+    return w / norm / math.sqrt(w[0].numel())
+
+
+def _standard_layer(mod: nn.Module) -> nn.Module:
+    """``mod`` itself, or for a weight-normalized layer the plain ``nn.Conv2d``/``nn.Linear`` it
+    computes at inference with gain 1 (the gain multiplies the output: :class:`GainScaled`)."""
+    if not _is_mpconv(mod):
+        return mod
+    w = _mp_weight(mod.weight)
+    if w.dim() == 2:
+        std = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
+    else:
+        groups, k = int(getattr(mod, "groups", 1)), w.shape[-1]
+        std = nn.Conv2d(w.shape[1] * groups, w.shape[0], k, padding=k // 2, groups=groups, bias=False, device=w.device)
+    with torch.no_grad():
+        std.weight.copy_(w)
+    return std.eval()
+
+
+class GainScaled(nn.Module):
+    """A quantized EDM2 ``MPConv``: ``inner(x) * gain`` with the MPConv call signature.
+
+    The weight normalization is folded into ``inner``'s quantized weight; the gain (a constant or
+    a learned scalar) scales the output, so MoDiff's ô caches hold the gain-free ``W ⊗ a``.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor, gain: Any = 1) -> torch.Tensor:
+        y = self.inner(x)
+        return y if isinstance(gain, (int, float)) and gain == 1 else y * gain
+
+
 def _kind(mod: nn.Module) -> Optional[str]:
     if isinstance(mod, _QuantLayer):
         return None
+    if _is_mpconv(mod):
+        return "linear" if mod.weight.dim() == 2 else "conv2d"
     if isinstance(mod, nn.Conv2d):
         return "conv2d"
     if isinstance(mod, nn.Conv1d):
@@ -798,6 +850,7 @@ def plan(model: nn.Module, config: Optional[QuantConfig] = None, example_args: t
         name = path.rsplit(".", 1)[-1]
         owners = _owner_classes(model, path)
         shape = tuple(mod.weight.shape)
+        mod = _standard_layer(mod)
         reason, role = "", "act"
         excl = next((p for p in cfg.exclude if _matches(path, p)), None)
         if getattr(mod, "lora_layer", None) is not None:
@@ -878,12 +931,15 @@ def quantize(model: nn.Module, config: Optional[QuantConfig] = None, *, example_
         if not d.quantized:
             log.info("MoDiff: %s (%s) kept float: %s", d.path, d.kind, d.reason)
             continue
-        src = model.get_submodule(d.path)
+        orig = model.get_submodule(d.path)
+        src = _standard_layer(orig)
         smooth = None
         if cfg.smoothquant:
             smooth = _smooth_factors(src.weight, calibration.act_absmax[d.path], float(cfg.smoothquant_alpha), d.kind)
         new = (QuantLinear if d.kind == "linear" else QuantConv2d)(src, cfg, d.path, d.role, smooth)
-        new.train(src.training)
+        if src is not orig:
+            new = GainScaled(new)
+        new.train(orig.training)
         _set_submodule(model, d.path, new)
     model._fusediff_quant_report = report  # plain attribute (not a module/buffer)
     log.info("MoDiff: quantized %d of %d conv/linear layers (%s)", len(report.quantized), len(report.layers), cfg.label)
@@ -1219,7 +1275,7 @@ def layer_shapes(model: nn.Module, example_args: tuple, example_kwargs: Optional
             continue
 
         def _hook(m, args, out, _path=path, _kind=kind):
-            rows.append(LayerShape(_path, _kind, m.weight.numel(), m.weight.shape[0], m.bias is not None,
+            rows.append(LayerShape(_path, _kind, m.weight.numel(), m.weight.shape[0], getattr(m, "bias", None) is not None,
                                    args[0].numel(), out.numel()))
 
         hooks.append(mod.register_forward_hook(_hook))
