@@ -128,6 +128,9 @@ class QuantConfig:
         a_bits: activation bits, 8 or 4 (dynamic absmax, fresh every call).
         per_sample: one activation scale per sample (default: classifier-free-guidance halves
             get separate grids) or one for the whole tensor (False).
+        per_token: linears get one activation scale per token (row of their ``(T, K)`` input), which
+            isolates outlier tokens; convs keep ``per_sample`` (per-pixel scales cannot be folded
+            into the implicit-GEMM epilogue). The linears' caches are then ``(T, K)``/``(T, F)``.
         weight_search: ``"mse"`` (clipping-ratio grid search) or ``"minmax"``.
         cache_dtype: dtype of â and ô (fp32 default; fp16/bf16 halve cache memory and traffic).
         exclude: module-path patterns kept float (see :data:`DEFAULT_EXCLUDE` for the matching
@@ -152,6 +155,7 @@ class QuantConfig:
     w_bits: int = 8
     a_bits: int = 8
     per_sample: bool = True
+    per_token: bool = False
     weight_search: str = "mse"
     cache_dtype: torch.dtype = torch.float32
     exclude: tuple[str, ...] = DEFAULT_EXCLUDE
@@ -171,7 +175,7 @@ class QuantConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or v not in _BITS:
                 raise ValueError(f"QuantConfig.{name}: {v!r}; allowed values are {list(_BITS)}")
-        for name in ("per_sample", "keep_first_last", "quantize_attention_proj", "quantize_ff",
+        for name in ("per_sample", "per_token", "keep_first_last", "quantize_attention_proj", "quantize_ff",
                      "context_kv_once", "smoothquant"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"QuantConfig.{name} must be a bool, got {getattr(self, name)!r}")
@@ -566,6 +570,7 @@ class QuantLinear(_QuantLayer):
         self.register_buffer("w_scale", p["w_scale"])
         self.in_features = linear.in_features
         self.out_features = linear.out_features
+        self.per_token = cfg.per_token
 
     def _deq_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """deQ(W) as the float first step uses it (no SmoothQuant factor: the input is smoothed)."""
@@ -584,6 +589,8 @@ class QuantLinear(_QuantLayer):
         if x.dim() < 2:
             raise ValueError(f"fusediff MoDiff: layer '{self.path}' expects a batched (N, ..., K) input, got {tuple(x.shape)}")
         a = x if x.dim() <= 3 else x.reshape(x.shape[0], -1, x.shape[-1])
+        if self.per_token:  # per-sample quantization of the (T, K) view = one scale per token
+            a = a.reshape(-1, a.shape[-1])
         a = self._smoothed(a, a.dim() - 1)
         out_shape = tuple(a.shape[:-1]) + (self.out_features,)
         ops = torch.ops.fusediff

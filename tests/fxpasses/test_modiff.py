@@ -647,6 +647,33 @@ def test_optimize_with_a_quant_config(zoo_models, example):
         fusediff.OptimizeConfig(quant="w8a8")
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_per_token_scales_isolate_outlier_tokens(mode):
+    """QuantConfig(per_token=True): one scale per token for linears. With one loud token per sample,
+    per-sample scales crush the other tokens' levels; per-token scales do not."""
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 24).eval()
+    x = torch.randn(2, 9, 32)
+    x[:, 4] *= 200.0  # an outlier token
+    outs = {}
+    for per_token in (False, True):
+        c = cfg(mode=mode, w_bits=8, a_bits=8, per_token=per_token, keep_first_last=False)
+        q = md.quantize(nn.Sequential(copy.deepcopy(lin)), c, example_args=(x,))
+        layer = md.quant_layers(q)[0]
+        assert layer.o_hat.shape == ((18, 24) if per_token and mode == "modiff" else layer.o_hat.shape)
+        with md.trajectory(q), torch.no_grad():
+            q(x * 0.9)  # MoDiff: first (float) step
+            outs[per_token] = q(x)
+    with torch.no_grad():
+        ref = lin(x)
+    quiet = torch.ones(9, dtype=torch.bool)
+    quiet[4] = False
+    err = {k: float((v - ref)[:, quiet].norm() / ref[:, quiet].norm()) for k, v in outs.items()}
+    assert err[True] < 0.25 * err[False], err
+    with pytest.raises(TypeError, match="per_token"):
+        md.QuantConfig(per_token=1)
+
+
 @pytest.mark.parametrize("name", ["edm2", "edm2plus"])
 def test_edm2_mpconv_layers_are_quantized(name):
     """EDM2's weight-normalized MPConv layers: the normalization is folded into the quantized

@@ -203,14 +203,14 @@ def _trajectory_errors(model, q, path, calls, kwargs):
     return rows
 
 
-@pytest.mark.parametrize("w_bits,a_bits,cache_dtype,opset", [
-    (8, 8, torch.float32, 21),
-    (8, 4, torch.float32, 23),
-    (4, 8, torch.float32, 25),
-    (8, 8, torch.float16, 21),
+@pytest.mark.parametrize("w_bits,a_bits,cache_dtype,opset,per_token", [
+    (8, 8, torch.float32, 21, False),
+    (8, 4, torch.float32, 23, True),   # per-token scales for the linears
+    (4, 8, torch.float32, 25, False),
+    (8, 8, torch.float16, 21, False),
 ])
-def test_tiny_modiff_trajectory_through_onnxruntime(tmp_path, w_bits, a_bits, cache_dtype, opset):
-    cfg = md.QuantConfig(mode="modiff", w_bits=w_bits, a_bits=a_bits, cache_dtype=cache_dtype)
+def test_tiny_modiff_trajectory_through_onnxruntime(tmp_path, w_bits, a_bits, cache_dtype, opset, per_token):
+    cfg = md.QuantConfig(mode="modiff", w_bits=w_bits, a_bits=a_bits, cache_dtype=cache_dtype, per_token=per_token)
     model, q, args, kwargs = _quantized(cfg)
     rep = md.quant_report(q)
     assert {d.path for d in rep.quantized} == {"conv1", "down", "proj", "attn.to_q", "attn.to_k", "attn.to_v"}
