@@ -45,12 +45,14 @@ import copy
 import fnmatch
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator, Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.weak import WeakTensorKeyDictionary
 
 import kernels.conv_int8  # noqa: F401  (registers fusediff::int8_conv2d)
 import kernels.linear_int8  # noqa: F401  (registers fusediff::int8_linear)
@@ -90,6 +92,7 @@ __all__ = [
     "state_slots",
     "ExplicitStateModel",
     "GainScaled",
+    "register_graph_layers",
 ]
 
 #: Module-path patterns kept float by default: time embeddings (and the per-block projections of
@@ -651,10 +654,10 @@ class QuantLinear(_QuantLayer):
             # branch in baseline mode: its optional mutable o_hat=None breaks functionalization.)
             q, s = torch.ops.fusediff.quantize_act(a, self.a_bits, self.per_sample)
             w_int = kernels.quantize.unpack_int4(w_q, self.in_features) if self.w_bits == 4 else w_q
-            acc = torch.matmul(q.float(), w_int.float().t())
+            acc = torch.matmul(q.to(torch.float32), w_int.to(torch.float32).t())  # .to(): see dequantize_linear_weight
             o = acc * s.reshape((-1,) + (1,) * (a.dim() - 1)) * w_scale
             if b is not None:
-                o = o + b.float()
+                o = o + b.to(torch.float32)
         else:  # exactly the MoDiff first step: â = a, ô = â @ deQ(W)ᵀ + b in the cache dtype
             cd = o_hat.dtype
             w = dequantize_linear_weight(w_q, w_scale, self.w_bits, self.in_features).to(cd)
@@ -963,9 +966,34 @@ def quant_report(model: nn.Module) -> QuantReport:
     return rep
 
 
-def quant_layers(model: nn.Module) -> list[_QuantLayer]:
-    """Every :class:`QuantConv2d` / :class:`QuantLinear` in ``model`` (module order)."""
-    return [m for m in model.modules() if isinstance(m, _QuantLayer)]
+#: Quantized layers that live in compiled graphs (``fxpasses.modiff_graph``), under the weight
+#: tensor they were made from: :func:`quant_layers` / :func:`reset` reach them from the model.
+_GRAPH_LAYERS = WeakTensorKeyDictionary()  # by identity: a Tensor key's == is elementwise
+
+
+def register_graph_layers(weight: torch.Tensor, layers: list["_QuantLayer"]) -> None:
+    """Attach quantized layers made from ``weight`` outside the model (a compiled graph) to it.
+
+    Held weakly: a layer lives as long as the compiled graph that holds it (dynamo's cache, and the
+    backend's ``LAST_RESULTS`` for the 16 newest graphs); once those let go of the graph it leaves
+    :func:`quant_layers`."""
+    refs = [r for r in _GRAPH_LAYERS.get(weight, []) if r() is not None]
+    _GRAPH_LAYERS[weight] = refs + [weakref.ref(m) for m in layers]
+
+
+def quant_layers(model: nn.Module, graphs: bool = True) -> list[_QuantLayer]:
+    """Every :class:`QuantConv2d` / :class:`QuantLinear` of ``model``: its modules (module order),
+    then (``graphs``) the layers compiled graphs made from its parameters (``backend(quant=...)``)."""
+    out = [m for m in model.modules() if isinstance(m, _QuantLayer)]
+    if graphs and _GRAPH_LAYERS:
+        seen = {id(m) for m in out}
+        for p in model.parameters():
+            for r in _GRAPH_LAYERS.get(p, ()):
+                m = r()
+                if m is not None and id(m) not in seen:
+                    seen.add(id(m))
+                    out.append(m)
+    return out
 
 
 @torch.compiler.disable
@@ -1083,7 +1111,7 @@ def explicit_state(model: nn.Module, io: ExplicitIO) -> Iterator[ExplicitIO]:
     """Within the block, quantized layers read their caches from ``io`` and write the new ones to
     it instead of mutating their buffers (which stay untouched); ``io.first_step`` picks the float
     first step or the integer step."""
-    layers = quant_layers(model)
+    layers = quant_layers(model, graphs=False)
     for m in layers:
         m._explicit = io
     try:
@@ -1100,7 +1128,7 @@ def state_slots(model: nn.Module, example_args: tuple = (), example_kwargs: Opti
     The model is run once on its float first step to size them; its own state (buffers and
     ``primed``) is restored afterwards, so a trajectory in progress is not disturbed.
     """
-    layers = [m for m in quant_layers(model) if m.state_kinds()]
+    layers = [m for m in quant_layers(model, graphs=False) if m.state_kinds()]
     if layers and (example_args or example_kwargs):
         with preserve_state(model):
             reset(model)

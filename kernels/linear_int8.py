@@ -210,7 +210,9 @@ def prepare_linear_weight(weight: torch.Tensor, bits: int, search: str = "mse") 
 def dequantize_linear_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
     """deQ(W) as fp32 ``(F_total, K)``."""
     w_int = unpack_int4(w_q, k) if w_bits == 4 else w_q
-    return w_int.float() * w_scale.float()[:, None]
+    # .to(), not .float(): this runs inside torch.cond branches, where dynamo refuses the
+    # FunctionalTensor conversion-method wrappers
+    return w_int.to(torch.float32) * w_scale.to(torch.float32)[:, None]
 
 
 # ------------------------------------------------------------------------------------------------

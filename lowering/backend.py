@@ -7,6 +7,7 @@ patterns). The ``torch_dynamo_backends`` entry point registers ``"fusediff"`` at
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Callable
 
@@ -15,6 +16,7 @@ import torch.fx as fx
 
 from fxpasses.config import RewriteConfig
 from fxpasses.match import PassResult
+from fxpasses.modiff import QuantConfig, QuantReport
 from lowering.transform import OptimizeConfig, rewrite_graph
 from lowering.verify import VerifyFailure
 
@@ -24,6 +26,8 @@ log = logging.getLogger("fusediff.lowering")
 LAST_RESULTS: list[PassResult] = []
 #: Regions verify mode sent back to the original ops, newest last.
 VERIFY_FAILURES: list[VerifyFailure] = []
+#: Per-layer decisions of the most recent ``backend(quant=...)`` compilations, newest last.
+LAST_QUANT_REPORTS: list[QuantReport] = []
 _MAX_KEEP = 16
 
 
@@ -38,23 +42,41 @@ def _check_grad_mode(gm: fx.GraphModule) -> None:
             "backward). Run inference under torch.no_grad() or torch.inference_mode().")
 
 
-def make_backend(config: OptimizeConfig | RewriteConfig | None = None, *, inner: str = "inductor",
-                 strict_grad: bool = True) -> Callable[[fx.GraphModule, list], Callable]:
+def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = None, *, inner: str = "inductor",
+                 strict_grad: bool = True, quant: QuantConfig | None = None) -> Callable[[fx.GraphModule, list], Callable]:
     """Build a dynamo backend.
 
     Args:
         config: which patterns to rewrite, selection policy and verify mode
-            (:class:`OptimizeConfig`, or a :class:`RewriteConfig` for the patterns alone).
+            (:class:`OptimizeConfig`, or a :class:`RewriteConfig` for the patterns alone, or a
+            :class:`QuantConfig` for ``quant``).
         inner: ``"inductor"`` (compile the rest) or ``"eager"`` (run the rewritten graph as is;
             useful on CPU where an inductor compile costs a minute).
         strict_grad: raise a clear error when compiled with grad enabled; when False, fall back
             to ``inner`` on the original graph instead.
+        quant: MoDiff/baseline low-bit quantization of the graph's conv2d/linear calls
+            (:mod:`fxpasses.modiff_graph`; also ``OptimizeConfig.quant``). The caches live in the
+            compiled graph; ``fusediff.reset(model)`` / ``with fusediff.trajectory(model):`` reach
+            them. Static shapes only; weights are quantized at compile time.
     Returns:
         A callable usable as ``torch.compile(model, backend=...)``.
+    Example:
+        >>> fast = torch.compile(unet, backend=fusediff.backend(quant=fusediff.QuantConfig(a_bits=4)))
+        >>> with torch.no_grad(), fusediff.trajectory(unet):
+        ...     for t in timesteps:
+        ...         eps = fast(x, t).sample
     """
+    if isinstance(config, QuantConfig):
+        config, quant = None, quant or config
     cfg = OptimizeConfig(rewrite=config) if isinstance(config, RewriteConfig) else (config or OptimizeConfig())
     if not isinstance(cfg, OptimizeConfig):
-        raise TypeError(f"fusediff.backend: config must be OptimizeConfig or RewriteConfig, got {type(config).__name__}")
+        raise TypeError(f"fusediff.backend: config must be OptimizeConfig, RewriteConfig or QuantConfig, got "
+                        f"{type(config).__name__}")
+    quant = quant or cfg.quant
+    if quant is not None and not isinstance(quant, QuantConfig):
+        raise TypeError(f"fusediff.backend: quant must be a QuantConfig, got {type(quant).__name__}")
+    if quant is not None:  # quantized convs are not Winograd candidates
+        cfg = dataclasses.replace(cfg, quant=quant, rewrite=dataclasses.replace(cfg.rewrite, winograd="off"))
     if inner not in ("inductor", "eager"):
         raise ValueError(f"make_backend: inner must be 'inductor' or 'eager', got {inner!r}")
 
@@ -71,6 +93,14 @@ def make_backend(config: OptimizeConfig | RewriteConfig | None = None, *, inner:
             VERIFY_FAILURES.extend(failures)
             LAST_RESULTS.append(res)
             del LAST_RESULTS[:-_MAX_KEEP]
+            if quant is not None:
+                if fake:
+                    raise FusediffBackendError("fusediff: backend(quant=...) needs the real weights among the "
+                                               "example inputs; this graph came with fake tensors")
+                from fxpasses.modiff_graph import quantize_graph
+
+                LAST_QUANT_REPORTS.append(quantize_graph(gm, list(example_inputs), quant))
+                del LAST_QUANT_REPORTS[:-_MAX_KEEP]
         if inner == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
@@ -86,6 +116,6 @@ def fusediff_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
     return make_backend()(gm, example_inputs)
 
 
-def backend(config: RewriteConfig | None = None, **kwargs: Any) -> Callable:
-    """``torch.compile(model, backend=fusediff.backend(config))`` with options; see :func:`make_backend`."""
+def backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = None, **kwargs: Any) -> Callable:
+    """``torch.compile(model, backend=fusediff.backend(config, quant=...))`` with options; see :func:`make_backend`."""
     return make_backend(config, **kwargs)

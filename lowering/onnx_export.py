@@ -601,7 +601,7 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
     was_training = model.training
     model.eval()
     try:
-        layers = modiff.quant_layers(model)
+        layers = modiff.quant_layers(model, graphs=False)
         n_in = sum(1 for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
         if not any(m.state_kinds() for m in layers):
             prep = _capture(model, args, kwargs, (), dynamic_batch, dynamic_spatial, rewrite, cfg)

@@ -10,6 +10,7 @@ path.
 from __future__ import annotations
 
 import copy
+import gc
 
 import pytest
 import torch
@@ -633,6 +634,101 @@ def test_fusediff_backend_with_inductor_compiles_once_per_trajectory():
     assert any("group_norm_quantize" in t for t in targets), targets  # Fig. 1 fusion ran in the backend
     for e, a, b in zip(eager, c1, c2):
         assert torch.equal(a, b)  # no state leaks between trajectories
+        assert sqnr_db(e, a) > SQNR_DB["int8"], sqnr_db(e, a)
+
+
+@pytest.mark.parametrize("name,mode", [("tiny", "modiff"), ("tiny", "baseline"), ("sd15", "modiff")])
+def test_backend_quant_equals_module_quantization(zoo_models, name, mode):
+    """torch.compile(model, backend=fusediff.backend(quant=cfg)): the graph-level pass makes the same
+    per-layer decisions as quantize(model, cfg, example_args=...) (first/last conv by execution,
+    context K/V by the graph input feeding them) and, float rewrites aside, the same numbers bit for
+    bit. fusediff.trajectory(model) reaches the compiled graph's caches; the model stays float."""
+    from lowering import backend as B
+
+    model, args, kwargs = zoo_models[name]
+    c = cfg(mode=mode, a_bits=4)
+    q = md.quantize(model, c, example_args=args, example_kwargs=kwargs, inplace=False)
+    calls = steps_inputs(args, 3)
+    with md.trajectory(q):
+        eager = run(q, calls, kwargs)
+
+    def drop_compiled():  # compiled graphs (and their layers) live in dynamo's cache and B.LAST_RESULTS
+        torch._dynamo.reset()
+        B.LAST_RESULTS.clear()
+        gc.collect()
+
+    drop_compiled()
+    assert md.quant_layers(model) == []
+    try:
+        cm = torch.compile(model, backend=fusediff.backend(RewriteConfig(patterns=()), quant=c, inner="eager"),
+                           fullgraph=True)
+        outs = []
+        for _ in range(2):
+            with fusediff.trajectory(model):
+                outs.append(run(cm, calls, kwargs))
+        rep = B.LAST_QUANT_REPORTS[-1]
+        layers = md.quant_layers(model)  # the compiled graph's layers (earlier compilations are gone)
+        assert len(layers) == len(rep.quantized)
+        md.reset(model)
+        assert not any(bool(m.primed) for m in layers)
+        layers = None
+        assert (md.cache_bytes(model) > 0) == (mode == "modiff" or any(d.role == "context" for d in rep.quantized))
+    finally:
+        cm = None
+        drop_compiled()
+    got = sorted((d.path, d.quantized, d.role) for d in rep.layers)
+    assert got == sorted((d.path, d.quantized, d.role) for d in md.quant_report(q).layers)
+    assert any(d.role == "context" for d in rep.quantized) == (name == "sd15" or name == "tiny")
+    for e, a, b in zip(eager, *outs):
+        assert torch.equal(e, a) and torch.equal(a, b)
+    assert not any(isinstance(m, md._QuantLayer) for m in model.modules())  # the float model is untouched
+    assert md.quant_layers(model) == []  # dropped with the compiled graph
+
+
+def test_backend_quant_errors():
+    model, args, _ = tiny()
+    with pytest.raises(TypeError, match="quant must be a QuantConfig"):
+        fusediff.backend(quant="w8a8")
+    torch._dynamo.reset()
+    try:
+        cm = torch.compile(model, backend=fusediff.backend(quant=cfg(), inner="eager"), dynamic=True)
+        with pytest.raises(Exception, match="static shapes"), torch.no_grad():
+            cm(*args)
+    finally:
+        torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_backend_quant_with_inductor_compiles_once():
+    """backend(quant=...) + inductor: the caches are buffers of the compiled graph, their in-place
+    updates compile as buffer mutations: one graph for two trajectories, equal to each other."""
+    from lowering import backend as B
+
+    model, args, kwargs = tiny()
+    c = cfg(mode="modiff", a_bits=8)
+    q = md.quantize(model, c, example_args=args, inplace=False)
+    calls = steps_inputs(args, 3)
+    with md.trajectory(q):
+        eager = run(q, calls)
+    graphs = []
+    inner = B.make_backend(quant=c)
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return inner(gm, example_inputs)
+
+    torch._dynamo.reset()
+    try:
+        cm = torch.compile(model, backend=counting, fullgraph=True)
+        with fusediff.trajectory(model):
+            c1 = run(cm, calls)
+        with fusediff.trajectory(model):
+            c2 = run(cm, calls)
+    finally:
+        torch._dynamo.reset()
+    assert len(graphs) == 1 and any(n.op == "call_module" for n in graphs[0].graph.nodes)
+    for e, a, b in zip(eager, c1, c2):
+        assert torch.equal(a, b)
         assert sqnr_db(e, a) > SQNR_DB["int8"], sqnr_db(e, a)
 
 
