@@ -19,7 +19,7 @@ from fxpasses.report import Report, build_report
 from fxpasses.sites import Site
 from fxpasses.visualize import visualize
 from lowering.backend import backend
-from lowering.onnx_export import export_onnx, run_onnx
+from lowering.onnx_export import StatefulSession, export_onnx, run_onnx
 from lowering.transform import OptimizeConfig, OptimizedModule, optimize
 
 __version__ = "0.1.0"
@@ -29,4 +29,5 @@ __all__ = [
     "allocate", "cache_bytes", "calibrate", "fuse_group_norm_quantize", "prepare", "preserve_state",
     "quant_report", "quantize", "reset", "trajectory",
     "backend", "build_report", "export_onnx", "inspect", "optimize", "run_onnx", "visualize", "__version__",
+    "StatefulSession",
 ]
