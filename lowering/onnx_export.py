@@ -1037,17 +1037,20 @@ def state_spec(path_or_model) -> dict | None:
     return None
 
 
-def _resolve_dim(d, env: dict[str, int], what: str) -> int:
-    """A cache dim from the session's input metadata: an int, a symbol or an expression of symbols."""
+def _resolve_dim(d, env: dict[str, int]) -> int | None:
+    """A cache dim from the session's input metadata: an int, a symbol or an expression of the
+    model inputs' symbols; None when the inputs do not determine it."""
     import re
 
     if isinstance(d, int):
         return d
     expr = str(d)
+    if expr in env:
+        return env[expr]
     funcs = {"floor": math.floor, "ceil": math.ceil, "min": min, "max": max}
     unknown = set(re.findall(r"[A-Za-z_]\w*", expr)) - env.keys() - funcs.keys()
     if unknown or not re.fullmatch(r"[\w+\-*/%(), ]+", expr):
-        raise ValueError(f"StatefulSession: cannot size cache {what}: dim {expr!r} is not determined by the model inputs")
+        return None
     return int(eval(expr, {"__builtins__": {}}, {**funcs, **env}))  # noqa: S307 - names and chars checked above
 
 
@@ -1108,7 +1111,10 @@ class StatefulSession:
                     env.setdefault(d, int(n))
         out = []
         for meta, c in zip(self._cache_in, self.spec["caches"]):
-            shape = [_resolve_dim(d, env, c["input"]) for d in meta.shape]
+            # The first step does not read the caches (the If's float branch): a dim the inputs do
+            # not determine (a downsampled size under dynamic_spatial) is fed as 1; the first
+            # step's outputs carry the real shapes.
+            shape = [_resolve_dim(d, env) or 1 for d in meta.shape]
             out.append(np.zeros(shape, dtype=np.dtype(c["dtype"]) if c["dtype"] != "bfloat16" else np.float32))
         return out
 

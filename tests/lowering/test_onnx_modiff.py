@@ -304,6 +304,22 @@ def test_stateful_session_lifecycle(tmp_path, caplog):
         ox.StatefulSession(path, on_shape_change="broadcast")
 
 
+def test_dynamic_spatial_caches(tmp_path):
+    """dynamic_spatial=True: one file runs another batch and resolution; the caches of downsampled
+    layers have their own symbols (fed as 1 on the first step, which does not read them)."""
+    _, q, args, kwargs = _quantized(md.QuantConfig(mode="modiff"))
+    path = ox.export_onnx(q, args, tmp_path / "sp.onnx", example_kwargs=kwargs, dynamic_spatial=True)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(os.fspath(path)).graph.input}
+    assert dims["args_0"] == ["batch", 3, "height", "width"] and dims["past.conv1.a_hat"] == dims["args_0"][:1] + [6] + \
+        dims["args_0"][2:]
+    args2, kw2 = _tiny_inputs(b=3, hw=(12, 10))
+    sess = ox.StatefulSession(path)
+    with torch.no_grad(), md.trajectory(q):
+        for c in _steps(args2, 3):
+            assert sqnr_db(q(*c, **kw2), _t(sess(*ox.onnx_inputs(c, kw2))[0])) > ONNX_QUANT_STEP_SQNR_DB
+
+
 def test_baseline_models_export(tmp_path):
     """Baseline W8A8: stateless layers (plain run_onnx) unless a context K/V cache is kept."""
     cfg = md.QuantConfig(mode="baseline", context_kv_once=False)
