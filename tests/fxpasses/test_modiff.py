@@ -601,19 +601,23 @@ def test_compile_once_per_trajectory(mode):
 
 
 @pytest.mark.slow
-def test_fusediff_backend_with_inductor_compiles_once_per_trajectory():
-    """torch.compile(quantized, backend="fusediff"): float rewrites + GroupNorm->quantizer fusion,
-    then inductor for the rest (MoDiff buffer mutations included): one graph for two trajectories,
-    outputs at quantization-noise distance from eager (inductor reorders float math)."""
+@pytest.mark.parametrize("how", ["quantized_module", "backend_quant"])
+def test_inductor_compiles_once_per_trajectory(how):
+    """Inductor on quantized graphs, both ways: torch.compile(quantize(model), backend="fusediff")
+    (float rewrites + GroupNorm->quantizer fusion) and torch.compile(model,
+    backend=fusediff.backend(quant=...)) (caches as buffers of the compiled graph). The in-place
+    cache updates compile as buffer mutations: one graph for two trajectories, equal to each other,
+    at quantization-noise distance from eager (inductor reorders float math)."""
     from lowering import backend as B
 
     model, args, kwargs = tiny()
-    q = md.quantize(model, cfg(mode="modiff", a_bits=8), example_args=args, inplace=False)
+    c = cfg(mode="modiff", a_bits=8)
+    q = md.quantize(model, c, example_args=args, inplace=False)
     calls = steps_inputs(args, 3)
     with md.trajectory(q):
         eager = run(q, calls)
+    target, inner = (q, B.make_backend()) if how == "quantized_module" else (model, B.make_backend(quant=c))
     graphs = []
-    inner = B.make_backend()
 
     def counting(gm, example_inputs):
         graphs.append(gm)
@@ -621,17 +625,21 @@ def test_fusediff_backend_with_inductor_compiles_once_per_trajectory():
 
     torch._dynamo.reset()
     try:
-        cq = torch.compile(q, backend=counting, fullgraph=True)
-        with md.trajectory(q):
-            c1 = run(cq, calls)
-        with md.trajectory(q):
-            c2 = run(cq, calls)
+        cm = torch.compile(target, backend=counting, fullgraph=True)
+        with fusediff.trajectory(target):
+            c1 = run(cm, calls)
+        with fusediff.trajectory(target):
+            c2 = run(cm, calls)
     finally:
         torch._dynamo.reset()
     assert len(graphs) == 1
-    assert B.LAST_RESULTS[-1].rewritten.get("groupnorm_silu", 0) + B.LAST_RESULTS[-1].rewritten.get("groupnorm", 0) > 0
-    targets = {str(n.target) for n in graphs[0].graph.nodes}
-    assert any("group_norm_quantize" in t for t in targets), targets  # Fig. 1 fusion ran in the backend
+    if how == "quantized_module":
+        rew = B.LAST_RESULTS[-1].rewritten
+        assert rew.get("groupnorm_silu", 0) + rew.get("groupnorm", 0) > 0
+        targets = {str(n.target) for n in graphs[0].graph.nodes}
+        assert any("group_norm_quantize" in t for t in targets), targets  # Fig. 1 fusion ran in the backend
+    else:
+        assert any(n.op == "call_module" for n in graphs[0].graph.nodes)
     for e, a, b in zip(eager, c1, c2):
         assert torch.equal(a, b)  # no state leaks between trajectories
         assert sqnr_db(e, a) > SQNR_DB["int8"], sqnr_db(e, a)
@@ -696,40 +704,6 @@ def test_backend_quant_errors():
             cm(*args)
     finally:
         torch._dynamo.reset()
-
-
-@pytest.mark.slow
-def test_backend_quant_with_inductor_compiles_once():
-    """backend(quant=...) + inductor: the caches are buffers of the compiled graph, their in-place
-    updates compile as buffer mutations: one graph for two trajectories, equal to each other."""
-    from lowering import backend as B
-
-    model, args, kwargs = tiny()
-    c = cfg(mode="modiff", a_bits=8)
-    q = md.quantize(model, c, example_args=args, inplace=False)
-    calls = steps_inputs(args, 3)
-    with md.trajectory(q):
-        eager = run(q, calls)
-    graphs = []
-    inner = B.make_backend(quant=c)
-
-    def counting(gm, example_inputs):
-        graphs.append(gm)
-        return inner(gm, example_inputs)
-
-    torch._dynamo.reset()
-    try:
-        cm = torch.compile(model, backend=counting, fullgraph=True)
-        with fusediff.trajectory(model):
-            c1 = run(cm, calls)
-        with fusediff.trajectory(model):
-            c2 = run(cm, calls)
-    finally:
-        torch._dynamo.reset()
-    assert len(graphs) == 1 and any(n.op == "call_module" for n in graphs[0].graph.nodes)
-    for e, a, b in zip(eager, c1, c2):
-        assert torch.equal(a, b)
-        assert sqnr_db(e, a) > SQNR_DB["int8"], sqnr_db(e, a)
 
 
 @pytest.mark.parametrize("name", ["tiny", "sd15"])
