@@ -106,8 +106,7 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = BATCHES,
             primed_dev = torch.tensor(True, device=DEVICE)
             with torch.inference_mode():
                 ref = F.conv2d(x, w, b, padding=pad)
-                out8 = torch.ops.fusediff.int8_conv2d(q, s, prep[8]["w_q"], prep[8]["w_scale"], b, None, None, None,
-                                                      1, pad, 8, k)
+                out8 = torch.ops.fusediff.int8_conv2d_baseline(q, s, prep[8]["w_q"], prep[8]["w_scale"], b, 1, pad, 8, k)
                 deq_ref = CV.int8_conv2d_ref(q, s, prep[8]["w_q"], prep[8]["w_scale"], b, None, None, None, 1, pad, 8, k)
                 err = (out8 - deq_ref).abs().max().item()
                 del ref
@@ -117,8 +116,8 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = BATCHES,
                 }
                 for bits in (8, 4):
                     pw = prep[bits]
-                    fns[f"fusediff_w{bits}"] = (lambda pw=pw, bits=bits: torch.ops.fusediff.int8_conv2d(
-                        q, s, pw["w_q"], pw["w_scale"], b, None, None, None, 1, pad, bits, k))
+                    fns[f"fusediff_w{bits}"] = (lambda pw=pw, bits=bits: torch.ops.fusediff.int8_conv2d_baseline(
+                        q, s, pw["w_q"], pw["w_scale"], b, 1, pad, bits, k))  # what baseline layers call
                     fns[f"modiff_w{bits}"] = (lambda pw=pw, bits=bits: torch.ops.fusediff.int8_conv2d(
                         q, s, pw["w_q"], pw["w_scale"], None, o_hat, a_hat, primed, 1, pad, bits, k))
 

@@ -86,15 +86,15 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = shapes.BA
             primed = torch.tensor(True)  # host flag: no device sync
             flops = 2.0 * batch * tokens * k * f_total
             with torch.inference_mode():
-                out8 = torch.ops.fusediff.int8_linear(q, s, prep[8]["w_q"], prep[8]["w_scale"], b, None, None, None, 8, geglu)
+                out8 = torch.ops.fusediff.int8_linear_baseline(q, s, prep[8]["w_q"], prep[8]["w_scale"], b, 8, geglu)
                 ref8 = LN.int8_linear_ref(q, s, prep[8]["w_q"], prep[8]["w_scale"], b, None, None, None, 8, geglu)
                 err = (out8 - ref8).abs().max().item()
                 del out8, ref8
                 fns = {"eager": lambda: _eager(x_lp, w_lp, b_lp, geglu)}
                 for bits in (8, 4):
                     pw = prep[bits]
-                    fns[f"fusediff_w{bits}"] = (lambda pw=pw, bits=bits: torch.ops.fusediff.int8_linear(
-                        q, s, pw["w_q"], pw["w_scale"], b, None, None, None, bits, geglu))
+                    fns[f"fusediff_w{bits}"] = (lambda pw=pw, bits=bits: torch.ops.fusediff.int8_linear_baseline(
+                        q, s, pw["w_q"], pw["w_scale"], b, bits, geglu))  # what baseline layers call
                     fns[f"modiff_w{bits}"] = (lambda pw=pw, bits=bits: torch.ops.fusediff.int8_linear(
                         q, s, pw["w_q"], pw["w_scale"], None, o_hat, a_hat, primed, bits, geglu))
                 for provider in providers:
