@@ -616,14 +616,6 @@ def _input_elements(k: int, name: str) -> Callable[[fx.Node], int]:
     return fn
 
 
-def _fa_out_multiple(m: int) -> Callable[[fx.Node], tuple[int, int]]:
-    """``fused_away`` of m*out bytes read and m*out bytes written."""
-    def fn(node: fx.Node) -> tuple[int, int]:
-        b = output_bytes(node)
-        return m * b, m * b
-    return fn
-
-
 # group_norm_silu: unfused GN writes y and SiLU (and FiLM) read it back. geglu: unfused gelu(gate)
 # writes and mul reads an out-sized tensor. linear_geglu: also the 2F-wide projection (2 outs) is
 # written and read. flash_attention: the baseline is PyTorch's SDPA, itself a fused kernel, so
