@@ -648,16 +648,9 @@ class QuantLinear(_QuantLayer):
 
     def _ctx_miss(self, a, o_hat, w_q, w_scale, bias):
         b = bias if self.bias is not None else None
-        if self.mode == "baseline":
-            # int8_linear's math (s_a s_w (q @ W_intᵀ) + b) in fp32: integer sums are exact below
-            # 2^24, and it runs once per trajectory. (int8_linear itself cannot sit in a torch.cond
-            # branch in baseline mode: its optional mutable o_hat=None breaks functionalization.)
+        if self.mode == "baseline":  # the pure op: it may sit in a torch.cond branch
             q, s = torch.ops.fusediff.quantize_act(a, self.a_bits, self.per_sample)
-            w_int = kernels.quantize.unpack_int4(w_q, self.in_features) if self.w_bits == 4 else w_q
-            acc = torch.matmul(q.to(torch.float32), w_int.to(torch.float32).t())  # .to(): see dequantize_linear_weight
-            o = acc * s.reshape((-1,) + (1,) * (a.dim() - 1)) * w_scale
-            if b is not None:
-                o = o + b.to(torch.float32)
+            o = torch.ops.fusediff.int8_linear_baseline(q, s, w_q, w_scale, b, self.w_bits, False)
         else:  # exactly the MoDiff first step: â = a, ô = â @ deQ(W)ᵀ + b in the cache dtype
             cd = o_hat.dtype
             w = dequantize_linear_weight(w_q, w_scale, self.w_bits, self.in_features).to(cd)

@@ -91,6 +91,13 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
         QuantGraphError: a quantized layer's shapes are symbolic (``dynamic=True``).
     """
     g = gm.graph
+    done = {"quantize_act", "modiff_quantize", "group_norm_quantize", "int8_conv2d", "int8_linear",
+            "int8_conv2d_baseline", "int8_linear_baseline"}
+    names = {str(n.target).split("fusediff.", 1)[-1].split(".")[0] for n in g.nodes
+             if n.op == "call_function" and "fusediff." in str(n.target)}  # OpOverload or packet
+    if names & done:
+        log.warning("MoDiff (graph): the model is quantized already (fusediff.quantize); backend(quant=...) leaves it")
+        return QuantReport(config=config)
     phs = [n for n in g.nodes if n.op == "placeholder"]
     real = {n: x for n, x in zip(phs, example_inputs)}
     params = {n for n, x in real.items() if isinstance(x, nn.Parameter)}

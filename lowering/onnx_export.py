@@ -699,8 +699,8 @@ def _optimize(model) -> None:
 
 
 def _to_onnx(prep: Prepared, opset: int, table: dict, optimize: bool, external: bool):
-    """torch.onnx export of one capture; returns the (optimized) ``torch.onnx.ONNXProgram``."""
-    check_translatable(prep.gm, table)
+    """torch.onnx export of one capture (translatability checked by the caller); returns the
+    (optimized) ``torch.onnx.ONNXProgram``."""
     ep = _exported_program(prep)
     reg_log = logging.getLogger("torch.onnx._internal.exporter._registration")
     old_level = reg_log.level

@@ -693,7 +693,9 @@ def test_backend_quant_equals_module_quantization(zoo_models, name, mode):
     assert md.quant_layers(model) == []  # dropped with the compiled graph
 
 
-def test_backend_quant_errors():
+def test_backend_quant_errors_and_already_quantized_models():
+    from lowering import backend as B
+
     model, args, _ = tiny()
     with pytest.raises(TypeError, match="quant must be a QuantConfig"):
         fusediff.backend(quant="w8a8")
@@ -702,6 +704,12 @@ def test_backend_quant_errors():
         cm = torch.compile(model, backend=fusediff.backend(quant=cfg(), inner="eager"), dynamic=True)
         with pytest.raises(Exception, match="static shapes"), torch.no_grad():
             cm(*args)
+        torch._dynamo.reset()
+        q = md.quantize(model, cfg(), example_args=args, inplace=False)  # quantized already: left as it is
+        cq = torch.compile(q, backend=fusediff.backend(quant=cfg(), inner="eager"))
+        with fusediff.trajectory(q):
+            run(cq, steps_inputs(args, 2))
+        assert B.LAST_QUANT_REPORTS[-1].layers == [] and len(md.quant_layers(q)) == len(md.quant_layers(q, graphs=False))
     finally:
         torch._dynamo.reset()
 
