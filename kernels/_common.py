@@ -104,7 +104,13 @@ if HAS_TRITON:
         so the final conversion is exact. NaN/Inf survive (NaN's quiet bit lies above bit 16).
         """
         if INTERPRET_BF16:
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            x = bits.to(tl.float32, bitcast=True)
+            x = _round_to_bf16(x)
         return x.to(DTYPE)
+
+    @triton.jit
+    def _round_to_bf16(x):
+        """fp32 ``x`` rounded to the nearest-even bf16 value, still fp32, so a later ``.to(bf16)`` is
+        exact under the interpreter too (which truncates; GPUs and torch round to nearest even)."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN

@@ -73,6 +73,8 @@ from kernels import _common
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels._common import _round_to_bf16
 else:  # pragma: no cover
     triton = None
     tl = None
@@ -211,9 +213,7 @@ if _common.HAS_TRITON:
         the GPU rounds to nearest even; pre-rounding makes both (and torch) agree bit for bit.
         """
         if ptr.dtype.element_ty == tl.bfloat16:
-            bits = x.to(tl.int32, bitcast=True)
-            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & -65536  # -65536 == 0xFFFF0000
-            x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
+            x = _round_to_bf16(x)
         return x.to(ptr.dtype.element_ty)
 
     @triton.jit

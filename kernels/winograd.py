@@ -59,6 +59,8 @@ from kernels import _common
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from kernels._common import _round_to_bf16
 else:  # pragma: no cover - only where triton is missing; the reference path still works
 
     class _NoTriton:
@@ -248,9 +250,7 @@ def _rtne(v, EMULATE_RTNE: tl.constexpr):
     # The Triton 3.9 interpreter truncates fp32 -> bf16; GPUs round to nearest even. Under the
     # interpreter, pre-round in fp32 so the later .to(bf16) is exact and matches torch.
     if EMULATE_RTNE:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+        v = _round_to_bf16(v)
     return v
 
 
