@@ -595,6 +595,7 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
     model's own state is left as it was).
     """
     from fxpasses import modiff
+    from lowering.transform import first_device
 
     model, cfg = _unwrap(model_or_optimized, rewrite_config)
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
@@ -607,7 +608,8 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
             prep = _capture(model, args, kwargs, (), dynamic_batch, dynamic_spatial, rewrite, cfg)
         else:
             state = modiff.state_slots(model, args, kwargs)
-            caches = tuple(torch.zeros(sl.shape, dtype=sl.dtype, device=_device_of(model)) for sl in state)
+            dev = first_device(args, kwargs)
+            caches = tuple(torch.zeros(sl.shape, dtype=sl.dtype, device=dev) for sl in state)
             prep = _capture(modiff.ExplicitStateModel(model, state, first=False).eval(), (args, kwargs, caches), {},
                             caches, dynamic_batch, dynamic_spatial, rewrite, cfg)
             prep.first = _capture(modiff.ExplicitStateModel(model, state, first=True).eval(), (args, kwargs), {}, (),
@@ -641,12 +643,6 @@ def _capture(fn: torch.nn.Module, args: tuple, kwargs: dict, caches: tuple, dyna
         log.info("export_onnx: rewritten %s", res.rewritten)
     return Prepared(gm=gm, args=args, kwargs=kwargs, result=res, dynamic_batch=dynamic_batch,
                     dynamic_spatial=dynamic_spatial, fused_ops=fused_ops_in(gm))
-
-
-def _device_of(model: torch.nn.Module) -> torch.device:
-    for t in list(model.parameters()) + list(model.buffers()):
-        return t.device
-    return torch.device("cpu")
 
 
 # ============================================================================ export
