@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import operator
 from dataclasses import dataclass, field
 
 import torch.fx as fx
@@ -55,6 +56,26 @@ def _owner(site: Site):
     return {"gelu": gelu, "geglu": gelu, "winograd": conv}.get(site.pattern) or FAMILIES[site.family]
 
 
+def has_side_effect(node: fx.Node) -> bool:
+    """Whether dead-code elimination must keep ``node`` although nothing reads its result.
+
+    FX's own purity test misses in-place tensor methods and functions in a dynamo graph
+    (``self.primed.fill_(True)``, ``buf.copy_(x)``, ``x[i] = v``): their result is unused, their effect
+    is the point (MoDiff's trajectory flag and caches). Dropping them changes results silently.
+    """
+    if node.is_impure():
+        return True
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        if node.target is operator.setitem:
+            return True
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.startswith("_")
+
+
 def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:
     """Rewrite the matched sites of ``res`` (found on ``gm`` by :func:`find_sites`) and clean up."""
     for s in res.sites:
@@ -69,7 +90,7 @@ def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:
                 if n is not None and not n.users:
                     gm.graph.erase_node(n)
                     del by_name[name]
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=has_side_effect)
     gm.graph.lint()
     gm.recompile()
     fill_meta(gm)

@@ -520,14 +520,24 @@ class QuantConv2d(_QuantLayer):
         k, s, p = self.k_size, self.stride, self.padding
         return (a.shape[0], self.out_channels, (a.shape[2] + 2 * p - k) // s + 1, (a.shape[3] + 2 * p - k) // s + 1)
 
-    def forward(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, scale: float = 1.0, norm: Optional[tuple] = None) -> torch.Tensor:
         """``x``: (N, C, H, W) (or (N, C, L) for a Conv1d). ``scale`` is accepted for diffusers'
-        LoRACompatibleConv call sites and ignored (fuse LoRA weights before quantizing)."""
+        LoRACompatibleConv call sites and ignored (fuse LoRA weights before quantizing).
+
+        ``norm``: the arguments of ``fusediff::group_norm_silu`` after ``x`` (weight, bias, scale,
+        shift, num_groups, eps, apply_silu): ``x`` is then the GroupNorm's *input* and the layer
+        convolves ``[silu](GN(x))``. In MoDiff mode the norm runs inside the quantizer
+        (``fusediff::group_norm_quantize``, paper Fig. 1 left), so the normalized activation never
+        reaches memory; the graph-level pass (:mod:`fxpasses.modiff_graph`) passes it.
+        """
         want = 3 if self.is_1d else 4
         if x.dim() != want:
             raise ValueError(f"fusediff MoDiff: layer '{self.path}' expects a {want}-D batched input, got {tuple(x.shape)}")
-        a = self._smoothed(x.unsqueeze(-1) if self.is_1d else x, 1)
         ops = torch.ops.fusediff
+        fuse_norm = norm is not None and self.mode == "modiff" and self._explicit is None and self.smooth_inv is None
+        if norm is not None and not fuse_norm:
+            x = ops.group_norm_silu(x, *norm)
+        a = self._smoothed(x.unsqueeze(-1) if self.is_1d else x, 1)
         if self.mode == "modiff" and self._explicit is not None:
             out = self._explicit_modiff(
                 a,
@@ -541,7 +551,10 @@ class QuantConv2d(_QuantLayer):
                                            self.w_bits, self.k_size)
         else:
             self._check_state(a, self._out_shape(a))
-            q, s = ops.modiff_quantize(a, self.a_hat, self.primed, self.a_bits, self.per_sample)  # eq. (6)
+            if fuse_norm:  # eq. (6) on [silu](GN(x)), normalized in registers
+                q, s = ops.group_norm_quantize(a, *norm, self.a_hat, self.primed, self.a_bits, self.per_sample)
+            else:
+                q, s = ops.modiff_quantize(a, self.a_hat, self.primed, self.a_bits, self.per_sample)  # eq. (6)
             out = ops.int8_conv2d(q, s, self.w_q, self.w_scale, self.bias, self.o_hat, self.a_hat, self.primed,
                                   self.stride, self.padding, self.w_bits, self.k_size)  # eq. (7)
             self.primed.fill_(True)
@@ -1221,6 +1234,19 @@ def _is_unsqueeze_last(n: Any) -> bool:
     return dim in (-1, 3)
 
 
+def is_group_norm_silu(n: Any) -> bool:
+    """Whether ``n`` calls ``fusediff::group_norm_silu`` (OpOverload or packet)."""
+    return _is_target(n, torch.ops.fusediff.group_norm_silu.default, torch.ops.fusediff.group_norm_silu)
+
+
+def group_norm_args(node: torch.fx.Node) -> dict[str, Any]:
+    """The arguments of a ``fusediff::group_norm_silu`` call by name, in the op's order."""
+    names = ("x", "weight", "bias", "scale", "shift", "num_groups", "eps", "apply_silu")
+    gn = dict(zip(names, node.args))
+    gn.update({k: v for k, v in node.kwargs.items() if k in names})
+    return {k: gn.get(k) for k in names}
+
+
 def fuse_group_norm_quantize(gm: torch.fx.GraphModule) -> int:
     """Fuse ``fusediff::group_norm_silu -> [unsqueeze(-1)] -> fusediff::modiff_quantize`` into
     ``fusediff::group_norm_quantize`` (the normalized activation never reaches memory).
@@ -1230,7 +1256,6 @@ def fuse_group_norm_quantize(gm: torch.fx.GraphModule) -> int:
     user are fused (a resample or a second reader between them keeps them apart). Works on export
     graphs (``.default`` overloads) and dynamo graphs. Returns the number of fused pairs.
     """
-    gns = (torch.ops.fusediff.group_norm_silu.default, torch.ops.fusediff.group_norm_silu)
     mq = (torch.ops.fusediff.modiff_quantize.default, torch.ops.fusediff.modiff_quantize)
     g = gm.graph
     fused = 0
@@ -1241,11 +1266,9 @@ def fuse_group_norm_quantize(gm: torch.fx.GraphModule) -> int:
         view = None
         if _is_unsqueeze_last(a) and len(a.users) == 1:
             view, a = a, a.args[0]
-        if not _is_target(a, *gns) or len(a.users) != 1:
+        if not is_group_norm_silu(a) or len(a.users) != 1:
             continue
-        names = ("x", "weight", "bias", "scale", "shift", "num_groups", "eps", "apply_silu")
-        gn = dict(zip(names, a.args))
-        gn.update({k: v for k, v in a.kwargs.items() if k in names})
+        gn = group_norm_args(a)
         qnames = ("a", "a_hat", "primed", "bits", "per_sample")
         qa = dict(zip(qnames, node.args))
         qa.update({k: v for k, v in node.kwargs.items() if k in qnames})
@@ -1257,8 +1280,7 @@ def fuse_group_norm_quantize(gm: torch.fx.GraphModule) -> int:
                     x.meta["val"] = view.meta["val"]
             # MoDiff eq. (6) fused into the norm: q = Q([silu](GN(x)) - â), â updated in place
             new = g.call_function(torch.ops.fusediff.group_norm_quantize.default,
-                                  (x, gn["weight"], gn["bias"], gn.get("scale"), gn.get("shift"), gn["num_groups"],
-                                   gn["eps"], gn["apply_silu"], qa["a_hat"], qa["primed"], qa["bits"],
+                                  (x, *list(gn.values())[1:], qa["a_hat"], qa["primed"], qa["bits"],
                                    qa["per_sample"]))
         new.meta.update({k: v for k, v in node.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
         node.replace_all_uses_with(new)

@@ -5,6 +5,7 @@ real tensors among the example inputs). :func:`quantize_graph` does at graph lev
 :func:`fxpasses.modiff.quantize` does to modules:
 
     conv2d / 1x1 conv1d (x, W, b, ...) / linear(x, W, b)   ->   call_module(QuantConv2d / QuantLinear)(x)
+    conv_q(group_norm_silu(x, ...))                        ->   conv_q(x, norm=(...))   (MoDiff, Fig. 1)
 
 Each replaced call gets its own :class:`~fxpasses.modiff.QuantConv2d`/``QuantLinear``, built from
 the real weight and registered as a submodule of the graph module, so the MoDiff caches â/ô and
@@ -29,7 +30,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from fxpasses.canonicalize import canon, clean_module_path, module_path, tensor_meta, through
-from fxpasses.modiff import (QuantConfig, QuantConv2d, QuantLinear, QuantReport, plan, register_graph_layers)
+from fxpasses.modiff import (QuantConfig, QuantConv2d, QuantLinear, QuantReport, group_norm_args, is_group_norm_silu,
+                             plan, register_graph_layers)
 
 log = logging.getLogger("fusediff.fxpasses")
 
@@ -81,6 +83,25 @@ def _shadow(entries: list[tuple[str, fx.Node, nn.Module]]) -> nn.Module:
     return root
 
 
+def _fuse_norm(g: fx.Graph, call: fx.Node, layer: nn.Module) -> bool:
+    """Paper Fig. 1 (left) at graph level, the twin of :func:`fxpasses.modiff.fuse_group_norm_quantize`:
+
+        conv_q(group_norm_silu(x, ...))   ->   conv_q(x, norm=(...))   # GN runs inside the quantizer
+
+    Only for a MoDiff conv reading the norm's output alone (a second reader, e.g. a resample between
+    SiLU and conv, keeps them apart) and without SmoothQuant (its factor sits between the two).
+    """
+    gn = call.args[0]
+    if not (isinstance(layer, QuantConv2d) and layer.mode == "modiff" and layer.smooth_inv is None
+            and is_group_norm_silu(gn) and len(gn.users) == 1):
+        return False
+    args = group_norm_args(gn)
+    call.args = (args.pop("x"),)
+    call.kwargs = {"norm": tuple(args.values())}
+    g.erase_node(gn)
+    return True
+
+
 def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig) -> QuantReport:
     """Replace ``gm``'s conv2d/linear calls on parameter weights by quantized layers (in place).
 
@@ -124,6 +145,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
     report = plan(shadow, config)
     by_path = {d.path: d for d in report.layers}
     layers = []
+    fused = 0
     for i, (path, node, std) in enumerate(entries):
         d = by_path[path.replace("#", "_call")]
         d.path = path
@@ -156,6 +178,9 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
         new.meta["fusediff_module"] = path
         node.replace_all_uses_with(new)
         g.erase_node(node)
+        if _fuse_norm(g, new, layer):
+            d.reason += "; GroupNorm fused into the quantizer"
+            fused += 1
         register_graph_layers(real[canon(node).arg("weight")], [layer])  # the model's own Parameter
         layers.append(layer)
     if layers:
@@ -164,6 +189,6 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
         # aot_autograd looks up every parameter/buffer of a dynamo graph in dynamo's source table;
         # the new layers' buffers have no dynamo source, so compile it as a plain graph module.
         gm.meta.pop("dynamo_compile_id", None)
-    log.info("MoDiff (graph): quantized %d of %d conv/linear calls (%s)", len(layers), len(report.layers),
-             config.label)
+    log.info("MoDiff (graph): quantized %d of %d conv/linear calls (%s); %d GroupNorm -> quantizer fusions",
+             len(layers), len(report.layers), config.label, fused)
     return report

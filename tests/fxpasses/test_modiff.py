@@ -640,6 +640,7 @@ def test_inductor_compiles_once_per_trajectory(how):
         assert any("group_norm_quantize" in t for t in targets), targets  # Fig. 1 fusion ran in the backend
     else:
         assert any(n.op == "call_module" for n in graphs[0].graph.nodes)
+    assert all(bool(m.primed) for m in md.quant_layers(target))  # the integer path ran
     for e, a, b in zip(eager, c1, c2):
         assert torch.equal(a, b)  # no state leaks between trajectories
         assert sqnr_db(e, a) > SQNR_DB["int8"], sqnr_db(e, a)
@@ -869,6 +870,86 @@ def test_group_norm_quantize_fusion_pass(zoo_models, how):
     assert n_calls == 3 * 36
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+def test_backend_quant_fuses_group_norm_like_the_module_path(zoo_models):
+    """backend(quant=modiff) gets the Fig. 1 fusion too: each MoDiff conv reading a GroupNorm(+SiLU)
+    alone takes the norm's input and runs fusediff::group_norm_quantize (the same 36 sites as
+    fuse_group_norm_quantize finds on the quantized module's graph), and the whole trajectory equals
+    torch.compile(quantize(model), backend="fusediff") -- the module path with its fusion -- bit for
+    bit, steps 2 and 3 on the integer path."""
+    from lowering import backend as B
+
+    model, args, kwargs = zoo_models["ldm"]
+    c = cfg(mode="modiff", a_bits=4)
+    q = md.quantize(model, c, example_args=args, example_kwargs=kwargs, inplace=False)
+    calls = steps_inputs(args, 3)
+    outs, counts = [], []
+    torch._dynamo.reset()
+    try:
+        for target, be in ((q, fusediff.backend(inner="eager")), (model, fusediff.backend(quant=c, inner="eager"))):
+            cm = torch.compile(target, backend=be, fullgraph=True)
+            with fusediff.trajectory(target):
+                run(cm, calls[:1], kwargs)  # compiles (the graph pass sizes its layers with one call)
+            with fusediff.trajectory(target):
+                _common.reset_counts()
+                outs.append(run(cm, calls, kwargs))
+                counts.append(dict(_common.DISPATCH_COUNTS))
+            assert all(bool(m.primed) for m in md.quant_layers(target))
+        rep = B.LAST_QUANT_REPORTS[-1]
+    finally:
+        torch._dynamo.reset()
+    fused = [d.path for d in rep.quantized if "GroupNorm fused" in d.reason]
+    assert len(fused) == 36
+    n_conv = sum(1 for d in rep.quantized if d.kind != "linear")
+    for cnt in counts:
+        assert cnt[("group_norm_quantize", "reference")] == 3 * 36
+        assert cnt[("int8_conv2d_first_step", "reference")] == n_conv  # step 1 only
+        assert cnt[("int8_conv2d", "reference")] == 2 * n_conv  # steps 2-3: integer path
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quant_conv_norm_argument(mode):
+    """QuantConv2d(x, norm=gn_args) == QuantConv2d(group_norm_silu(x, *gn_args)) over a trajectory,
+    in every mode and for a 1x1 Conv1d; in MoDiff mode the fused op runs."""
+    g = torch.Generator().manual_seed(3)
+    for conv, shape in ((nn.Conv2d(6, 5, 3, padding=1), (2, 6, 5, 7)), (nn.Conv1d(6, 4, 1), (2, 6, 9))):
+        layers = [md.QuantConv2d(conv, cfg(mode=mode, a_bits=8), "l") for _ in range(2)]
+        norm = (torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g), None, None, 3, 1e-5, True)
+        xs = [torch.randn(shape, generator=g) for _ in range(3)]
+        _common.reset_counts()
+        with torch.no_grad():
+            fused = [layers[0](x, norm=norm) for x in xs]
+            plain = [layers[1](torch.ops.fusediff.group_norm_silu(x, *norm)) for x in xs]
+        assert _common.DISPATCH_COUNTS[("group_norm_quantize", "reference")] == (3 if mode == "modiff" else 0)
+        for a, b in zip(fused, plain):
+            assert torch.equal(a, b)
+
+
+def test_backend_keeps_in_place_updates_of_a_quantized_module():
+    """torch.compile(quantize(model), backend="fusediff"): the rewrite's dead-code elimination keeps
+    the in-place ``primed.fill_(True)`` whose result nobody reads (it was dropped once: every step
+    then ran the float first step). No float rewrite: equal to eager bit for bit, integer path."""
+    model, args, _ = tiny()
+    q = md.quantize(model, cfg(mode="modiff", a_bits=8), example_args=args, inplace=False)
+    calls = steps_inputs(args, 3)
+    with md.trajectory(q):
+        eager = run(q, calls)
+    torch._dynamo.reset()
+    try:
+        cq = torch.compile(q, backend=fusediff.backend(RewriteConfig(patterns=()), inner="eager"), fullgraph=True)
+        with fusediff.trajectory(q):
+            _common.reset_counts()
+            got = run(cq, calls)
+    finally:
+        torch._dynamo.reset()
+    n_conv = sum(1 for m in md.quant_layers(q) if isinstance(m, md.QuantConv2d))
+    assert _common.DISPATCH_COUNTS[("int8_conv2d", "reference")] == 2 * n_conv
+    assert all(bool(m.primed) for m in md.quant_layers(q))
+    for e, a in zip(eager, got):
+        assert torch.equal(e, a)
 
 
 # ------------------------------------------------------------------------------------------------
