@@ -5,7 +5,12 @@ real tensors among the example inputs). :func:`quantize_graph` does at graph lev
 :func:`fxpasses.modiff.quantize` does to modules:
 
     conv2d / 1x1 conv1d (x, W, b, ...) / linear(x, W, b)   ->   call_module(QuantConv2d / QuantLinear)(x)
+    x @ W.t()                                              ->   call_module(QuantLinear)(x)
     conv_q(group_norm_silu(x, ...))                        ->   conv_q(x, norm=(...))   (MoDiff, Fig. 1)
+
+``W`` and ``b`` are parameters or computed from parameters only (EDM2's ``MPConv``: normalize(W) *
+gain / sqrt(fan_in)); a computed weight is evaluated once here and its subgraph erased. A conv whose
+weight reads a non-parameter input stays float, with that reason in the report.
 
 Each replaced call gets its own :class:`~fxpasses.modiff.QuantConv2d`/``QuantLinear``, built from
 the real weight and registered as a submodule of the graph module, so the MoDiff caches â/ô and
@@ -25,13 +30,16 @@ merge) needs a recompile (``torch._dynamo.reset()``), unlike ``fusediff.optimize
 from __future__ import annotations
 
 import logging
+from typing import Any, Optional
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from fxpasses.canonicalize import canon, clean_module_path, module_path, tensor_meta, through
-from fxpasses.modiff import (QuantConfig, QuantConv2d, QuantLinear, QuantReport, group_norm_args, is_group_norm_silu,
-                             plan, register_graph_layers)
+from fxpasses.match import has_side_effect
+from fxpasses.modiff import (LayerDecision, QuantConfig, QuantConv2d, QuantLinear, QuantReport, group_norm_args,
+                             is_group_norm_silu, plan, register_graph_layers)
 
 log = logging.getLogger("fusediff.fxpasses")
 
@@ -83,6 +91,85 @@ def _shadow(entries: list[tuple[str, fx.Node, nn.Module]]) -> nn.Module:
     return root
 
 
+class _Folder:
+    """The value of a weight/bias node that depends on parameters only, computed at compile time.
+
+    A plain layer's weight is a parameter placeholder. EDM2's ``MPConv`` computes its weight in the
+    graph every call (``normalize(W) * gain / sqrt(fan_in)``, gain a constant or a learned scalar):
+    that subgraph is evaluated once on the real parameters, like the weight quantization itself, and
+    erased when no call reads it any more. A subgraph reading a non-parameter input (the sample, a
+    LoRA scale passed as an argument) or doing something in place is not folded: the call stays float.
+    """
+
+    def __init__(self, gm: fx.GraphModule, real: dict, params: set) -> None:
+        self.interp = fx.Interpreter(gm)
+        self.real, self.params = real, params
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.folded: set[fx.Node] = set()
+
+    def _ancestors(self, n: fx.Node) -> list[fx.Node]:
+        seen, stack = {n}, [n]
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a not in seen:
+                    seen.add(a)
+                    stack.append(a)
+        return sorted(seen, key=self.order.__getitem__)
+
+    def _constant(self, nodes: list[fx.Node]) -> bool:
+        return all(a in self.params if a.op == "placeholder" else
+                   a.op in ("call_function", "call_method", "get_attr") and not has_side_effect(a) for a in nodes)
+
+    def varies(self, n: Any) -> bool:
+        """A layer weight that changes per call: computed from parameters *and* another input."""
+        nodes = self._ancestors(n) if isinstance(n, fx.Node) else []
+        return any(a in self.params for a in nodes) and not self._constant(nodes)
+
+    def __call__(self, n: Any) -> Optional[torch.Tensor]:
+        if not isinstance(n, fx.Node):
+            return None
+        if n in self.params:
+            return self.real[n]
+        nodes = self._ancestors(n)
+        if not self._constant(nodes):
+            return None
+        env = self.interp.env
+        with torch.no_grad():
+            for a in nodes:
+                if a not in env:
+                    env[a] = self.real[a] if a.op == "placeholder" else self.interp.run_node(a)
+        self.folded.update(a for a in nodes if a.op != "placeholder")
+        return env[n].detach()
+
+    def owner(self, n: fx.Node) -> torch.Tensor:
+        """The largest model Parameter ``n`` is computed from (the key of ``register_graph_layers``)."""
+        roots = [a for a in self._ancestors(n) if a in self.params]
+        return max((self.real[a] for a in roots), key=lambda t: t.numel())
+
+    def erase_dead(self) -> None:
+        for a in sorted(self.folded, key=self.order.__getitem__, reverse=True):
+            if not a.users:
+                a.graph.erase_node(a)
+
+
+def _transposed_2d(n: Any) -> Optional[fx.Node]:
+    """``W`` when ``n`` is ``W.t()`` / ``W.transpose(0, 1)`` / ``torch.t(W)`` of a 2-D ``W``."""
+    if not isinstance(n, fx.Node):
+        return None
+    src = n.args[0] if n.args else None
+    val = tensor_meta(src)
+    if val is None or val.dim() != 2:
+        return None
+    if (n.op == "call_method" and n.target == "t") or (n.op == "call_function" and n.target in (torch.t,
+                                                                                               torch.ops.aten.t.default)):
+        return src
+    if (n.op == "call_method" and n.target == "transpose") or (n.op == "call_function" and n.target in (
+            torch.transpose, torch.ops.aten.transpose.int)):
+        dims = {d % 2 for d in n.args[1:3]} if len(n.args) >= 3 else set()
+        return src if dims == {0, 1} else None
+    return None
+
+
 def _fuse_norm(g: fx.Graph, call: fx.Node, layer: nn.Module) -> bool:
     """Paper Fig. 1 (left) at graph level, the twin of :func:`fxpasses.modiff.fuse_group_norm_quantize`:
 
@@ -123,26 +210,43 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
     real = {n: x for n, x in zip(phs, example_inputs)}
     params = {n for n, x in real.items() if isinstance(x, nn.Parameter)}
     user = [n for n in phs if n not in params and isinstance(real.get(n), torch.Tensor)]  # sample first
+    fold = _Folder(gm, real, params)
     entries: list[tuple[str, fx.Node, nn.Module]] = []
+    owners: dict[fx.Node, torch.Tensor] = {}  # call -> the model Parameter its layer is registered under
     seen: dict[str, int] = {}
+    varying: list[LayerDecision] = []
     for node in g.nodes:
         c = canon(node)
-        if c is None or c.op not in ("conv", "linear") or node.op != "call_function":
+        if c is None or node.op != "call_function":
             continue
-        w, b = c.arg("weight"), c.arg("bias")
-        wt = real.get(w) if isinstance(w, fx.Node) else None
-        if wt is None or (b is not None and real.get(b) is None):
-            continue  # weight computed in the graph (EDM2's MPConv): not a plain layer at graph level
-        kind = "linear" if c.op == "linear" else {4: "conv2d", 3: "conv1d"}.get(wt.dim())
-        if kind is None:
+        if c.op in ("conv", "linear"):
+            w, b = c.arg("weight"), c.arg("bias")
+        elif c.op == "matmul":  # x @ W.t() == linear(x, W) (EDM2's MPConv linear)
+            w, b = _transposed_2d(c.arg("other")), None
+        else:
+            continue
+        wt = fold(w)
+        bt = fold(b) if b is not None else None
+        if wt is None or (b is not None and bt is None):
+            if c.op != "matmul" and fold.varies(w) and tensor_meta(w) is not None:  # (a fixed resample filter
+                # computed from buffers is no layer: the module-level policy never sees it either)
+                wm = tensor_meta(w)
+                varying.append(LayerDecision(module_path(node) or node.name, "linear" if c.op == "linear" else
+                                             f"conv{wm.dim() - 2}d", False, "weight computed from a non-parameter "
+                                             "input (changes per call): kept float", "", tuple(wm.shape)))
+            continue
+        kind = "linear" if c.op != "conv" else {4: "conv2d", 3: "conv1d"}.get(wt.dim())
+        if kind is None or (kind == "linear" and wt.dim() != 2):
             continue
         path = module_path(node) or node.name
         seen[path] = seen.get(path, 0) + 1
         if seen[path] > 1:
             path = f"{path}#{seen[path]}"  # a module called twice: its calls cannot share one state
-        entries.append((path, node, _standard(node, kind, wt, real.get(b) if b is not None else None)))
+        entries.append((path, node, _standard(node, kind, wt, bt)))
+        owners[node] = fold.owner(w)
     shadow = _shadow([(p.replace("#", "_call"), n, s) for p, n, s in entries])
     report = plan(shadow, config)
+    report.layers.extend(varying)
     by_path = {d.path: d for d in report.layers}
     layers = []
     fused = 0
@@ -181,9 +285,10 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
         if _fuse_norm(g, new, layer):
             d.reason += "; GroupNorm fused into the quantizer"
             fused += 1
-        register_graph_layers(real[canon(node).arg("weight")], [layer])  # the model's own Parameter
+        register_graph_layers(owners[node], [layer])  # the model's own Parameter
         layers.append(layer)
     if layers:
+        fold.erase_dead()
         g.lint()
         gm.recompile()
         # aot_autograd looks up every parameter/buffer of a dynamo graph in dynamo's source table;

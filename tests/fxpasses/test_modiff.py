@@ -24,7 +24,8 @@ from fxpasses.capture import capture_dynamo, capture_export
 from fxpasses.config import RewriteConfig
 from fxpasses.match import run_passes
 from kernels import _common
-from tests.tolerances import MODEL_TOL, SQNR_DB, TOL, assert_close, sqnr_db
+from tests.tolerances import (MODEL_TOL, QUANT_TRAJECTORY_ERR_FLOOR, QUANT_TRAJECTORY_ERR_RATIO, SQNR_DB, TOL,
+                               assert_close, sqnr_db)
 
 BITS = [(8, 8), (8, 4), (4, 8), (4, 4)]
 MODES = ["baseline", "modiff"]
@@ -811,6 +812,86 @@ def test_edm2_mpconv_layers_are_quantized(name):
     assert_close(out[0], deq[0], TOL)  # the first step is the float model with deQ(W)
     for o, f in zip(out, fp):  # MoDiff W8A8 stays near the float model (measured ~1%)
         assert torch.isfinite(o).all() and float((o - f).norm() / f.norm()) < 0.05
+
+
+@pytest.mark.parametrize("name", ["edm2", "edm2plus"])
+def test_backend_quant_folds_mpconv_weights(name):
+    """backend(quant=) on EDM2/EDM2+: an MPConv computes its weight in the graph (normalize(W) *
+    gain / sqrt(fan_in)); the graph pass evaluates that parameter-only subgraph once, quantizes the
+    result and erases it (one weight norm fewer per quantized layer). Same per-layer decisions as
+    quantize() (the MPConv linears `x @ W.t()` included), and the same quantization error against
+    the float model (the two fold the gain differently: rounding noise, judged by the table)."""
+    from lowering import backend as B
+
+    model, args, kwargs = zoo.build(name)
+    c = cfg(mode="modiff", a_bits=8)
+    q = md.quantize(model, c, example_args=args, example_kwargs=kwargs, inplace=False)
+    calls = steps_inputs(args, 3)
+    with md.trajectory(q):
+        mod = run(q, calls, kwargs)
+    fp = run(model, calls, kwargs)
+    graphs = []
+    torch._dynamo.reset()
+    try:
+        for quant in (None, c):
+            inner = fusediff.backend(RewriteConfig(patterns=()), quant=quant, inner="eager")
+            cm = torch.compile(model, backend=lambda gm, ex, inner=inner: graphs.append(gm) or inner(gm, ex),
+                               fullgraph=True)
+            with fusediff.trajectory(model):
+                got = run(cm, calls, kwargs)
+        rep = B.LAST_QUANT_REPORTS[-1]
+        assert len(md.quant_layers(model)) == len(rep.quantized)  # registered under the MPConv weights
+    finally:
+        torch._dynamo.reset()
+    assert sorted((d.path, d.quantized, d.role) for d in rep.layers) == \
+        sorted((d.path, d.quantized, d.role) for d in md.quant_report(q).layers)
+    assert len(rep.quantized) > 0 and any(d.kind == "linear" for d in rep.layers)
+
+    def norms(gm):
+        return sum(n.target is torch.linalg.vector_norm for n in gm.graph.nodes)
+    assert norms(graphs[0]) - norms(graphs[1]) == len(rep.quantized)
+    for g, m, f in zip(got, mod, fp):
+        err_g, err_m = float((g - f).norm() / f.norm()), float((m - f).norm() / f.norm())
+        assert err_g <= QUANT_TRAJECTORY_ERR_RATIO * err_m + QUANT_TRAJECTORY_ERR_FLOOR, (err_g, err_m)
+
+
+def test_backend_quant_weight_from_an_input_stays_float():
+    """A weight computed from a call argument (a LoRA-style scale passed in) is not a constant: that
+    conv stays float; the parameter-only ``x @ (2 W).t()`` next to it is folded and quantized."""
+    from lowering import backend as B
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Conv2d(3, 8, 3, padding=1)
+            self.scaled = nn.Conv2d(8, 8, 3, padding=1)
+            self.lin = nn.Parameter(torch.randn(8, 8) / 3)
+            self.mid = nn.Conv2d(8, 8, 1)
+            self.last = nn.Conv2d(8, 3, 3, padding=1)
+
+        def forward(self, x, s):
+            h = self.first(x)
+            h = F.conv2d(h, self.scaled.weight * s, self.scaled.bias, padding=1)
+            h = (h.permute(0, 2, 3, 1) @ (2 * self.lin).t()).permute(0, 3, 1, 2)
+            return self.last(self.mid(h))
+
+    model = Net().eval()
+    x, s = torch.randn(2, 3, 6, 6), torch.tensor(0.5)
+    torch._dynamo.reset()
+    try:
+        cm = torch.compile(model, backend=fusediff.backend(RewriteConfig(patterns=()), quant=cfg(), inner="eager"),
+                           fullgraph=True)
+        with fusediff.trajectory(model):
+            out = run(cm, [(x, s)] * 2)
+        rep = B.LAST_QUANT_REPORTS[-1]
+    finally:
+        torch._dynamo.reset()
+    kinds = sorted((d.kind, d.quantized) for d in rep.layers)
+    assert kinds == [("conv2d", False)] * 3 + [("conv2d", True), ("linear", True)], kinds
+    assert sum("non-parameter input" in d.reason for d in rep.layers) == 1  # reported, not silent
+    assert all(torch.isfinite(o).all() for o in out)
+    ref = run(model, [(x, s)])[0]
+    assert sqnr_db(ref, out[1]) > SQNR_DB["int8"]
 
 
 def test_float_rewrites_still_apply_to_quantized_model(zoo_models):
