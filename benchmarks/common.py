@@ -104,15 +104,20 @@ def write_results(rows: Iterable[Row], out_dir: str, name: str) -> tuple[str, st
     csv_path = os.path.join(out_dir, f"{name}.csv")
     md_path = os.path.join(out_dir, f"{name}.md")
     cols = ["op", "shape", "dtype", "provider", "ms", "ms_p20", "ms_p80", "metric", "value", "pct_roofline"]
+    extra = list(dict.fromkeys(k for r in rows for k in r.extra))  # e.g. compile_s, peak_MiB
+
+    def cells(r: Row) -> list:
+        return [getattr(r, c) for c in cols] + [r.extra.get(k, "") for k in extra]
+
     with open(csv_path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(cols + list(env))
+        w.writerow(cols + extra + list(env))
         for r in rows:
-            w.writerow([getattr(r, c) for c in cols] + list(env.values()))
+            w.writerow(cells(r) + list(env.values()))
     from tabulate import tabulate
 
     with open(md_path, "w") as f:
         f.write(f"# {name}\n\n" + ", ".join(f"{k}: {v}" for k, v in env.items()) + "\n\n")
-        f.write(tabulate([[getattr(r, c) for c in cols] for r in rows], headers=cols, tablefmt="github", floatfmt=".4g"))
+        f.write(tabulate([cells(r) for r in rows], headers=cols + extra, tablefmt="github", floatfmt=".4g"))
         f.write("\n")
     return csv_path, md_path

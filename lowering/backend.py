@@ -43,7 +43,8 @@ def _check_grad_mode(gm: fx.GraphModule) -> None:
 
 
 def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = None, *, inner: str = "inductor",
-                 strict_grad: bool = True, quant: QuantConfig | None = None) -> Callable[[fx.GraphModule, list], Callable]:
+                 strict_grad: bool = True, quant: QuantConfig | None = None,
+                 mode: str | None = None) -> Callable[[fx.GraphModule, list], Callable]:
     """Build a dynamo backend.
 
     Args:
@@ -58,6 +59,9 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
             (:mod:`fxpasses.modiff_graph`; also ``OptimizeConfig.quant``). The caches live in the
             compiled graph; ``fusediff.reset(model)`` / ``with fusediff.trajectory(model):`` reach
             them. Static shapes only; weights are quantized at compile time.
+        mode: inductor's ``torch.compile`` mode for the rest of the graph (``"max-autotune"``,
+            ``"max-autotune-no-cudagraphs"``, ...; ``torch.compile(mode=...)`` itself only applies to
+            ``backend="inductor"``). ``None``: inductor's defaults.
     Returns:
         A callable usable as ``torch.compile(model, backend=...)``.
     Example:
@@ -79,6 +83,14 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
         cfg = dataclasses.replace(cfg, quant=quant, rewrite=dataclasses.replace(cfg.rewrite, winograd="off"))
     if inner not in ("inductor", "eager"):
         raise ValueError(f"make_backend: inner must be 'inductor' or 'eager', got {inner!r}")
+    patches = None
+    if mode is not None:
+        from torch._inductor import list_mode_options
+
+        if mode not in ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"):
+            raise ValueError(f"make_backend: mode {mode!r}; allowed values are 'default', 'reduce-overhead', "
+                             "'max-autotune', 'max-autotune-no-cudagraphs'")
+        patches = dict(list_mode_options(mode))
 
     def _backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         if torch.is_grad_enabled():
@@ -105,7 +117,7 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs)
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     _backend.__name__ = "fusediff"
     return _backend
