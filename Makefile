@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fusediff-installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-gpu bench clean
+.PHONY: setup demo test test-gpu bench gpu-session wheels clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,15 @@ test-gpu:
 
 bench:
 	$(PY) benchmarks/run_all.py --out docs/benchmarks
+
+# A short GPU lease: the GPU tier + the target-deciding benchmarks in one budgeted call
+# (benchmarks/gpu_session.sh; results under $$OUT). `make wheels` first, here: the GPU machine
+# has no package registry and no diffusers.
+gpu-session:
+	bash benchmarks/gpu_session.sh
+
+wheels: $(STAMP)
+	$(BIN)/pip download -q --no-deps -d .whl "diffusers==$$($(BIN)/python -c 'import diffusers; print(diffusers.__version__)')"
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -95,6 +95,27 @@ class Row:
     pct_roofline: float = float("nan")
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _JOURNAL.append(self)
+
+
+#: Every row measured in this process, so a run cut short keeps what it measured (below).
+_JOURNAL: list[Row] = []
+
+
+def _write_partial(signum, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM (``timeout`` ran out): write the rows measured so far to ``$FUSEDIFF_BENCH_PARTIAL``."""
+    path = os.environ.get("FUSEDIFF_BENCH_PARTIAL")
+    if path and _JOURNAL:
+        write_results(_JOURNAL, os.path.dirname(path) or ".", os.path.basename(path) + "_partial")
+    raise SystemExit(124)
+
+
+if os.environ.get("FUSEDIFF_BENCH_PARTIAL"):
+    import signal
+
+    signal.signal(signal.SIGTERM, _write_partial)
+
 
 def write_results(rows: Iterable[Row], out_dir: str, name: str) -> tuple[str, str]:
     """Write ``<name>.csv`` and ``<name>.md`` under ``out_dir``; return their paths."""

@@ -45,6 +45,25 @@ def test_results_carry_extra_columns_and_environment(tmp_path):
     assert "peak_MiB" in open(md_path).read()
 
 
+def test_a_benchmark_cut_short_keeps_its_rows(tmp_path):
+    """benchmarks/gpu_session.sh runs each benchmark under `timeout`: on SIGTERM the rows measured so
+    far are written (``<name>_partial.csv``) instead of lost."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal\n"
+            "from benchmarks.common import Row\n"
+            "Row('op', 's', 'bf16', 'eager', 1.5, 1.4, 1.6)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "import time; time.sleep(30)\n")
+    env = dict(os.environ, FUSEDIFF_BENCH_PARTIAL=str(tmp_path / "bench_x"), PYTHONPATH=ROOT)
+    p = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, timeout=120, capture_output=True, text=True)
+    assert p.returncode == 124, p.stderr
+    with open(tmp_path / "bench_x_partial.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["op"], r["ms"]) for r in rows] == [("op", "1.5")]
+
+
 @pytest.fixture
 def reference_path(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # fusediff ops on their torch references (fast on CPU)

@@ -695,6 +695,58 @@ def test_backend_quant_equals_module_quantization(zoo_models, name, mode):
     assert md.quant_layers(model) == []  # dropped with the compiled graph
 
 
+# Every fixture U-Net and the shipped digits model through both ways, each (mode, bits) once (the
+# zoo LDM: test_backend_quant_fuses_group_norm_like_the_module_path; SD-1.5: ..._equals_module_...).
+_EVERY = [("ddpm", "modiff", 8, 8), ("ddpm_scale_shift", "baseline", 8, 8), ("sd15_baddbmm", "modiff", 4, 8),
+          ("sdxl", "baseline", 4, 4), ("edm2", "baseline", 8, 4), ("edm2plus", "modiff", 4, 4),
+          ("digits", "baseline", 4, 8), ("digits", "modiff", 8, 4)]
+
+
+@pytest.mark.parametrize("name,mode,w_bits,a_bits", _EVERY)
+def test_backend_quant_on_every_fixture(name, mode, w_bits, a_bits):
+    """Both ways on each fixture U-Net and the shipped digits DDPM: torch.compile(unet,
+    backend=fusediff.backend(quant=...)) makes the same per-layer decisions as quantize() and runs
+    the stateful layers on their integer path after step 1; it and fusediff.optimize(unet,
+    QuantConfig) (float rewrites on) keep the trajectory's error against the float model like
+    quantize()'s."""
+    from fusediff import digits
+    from lowering import backend as B
+
+    if name == "digits":
+        model = digits.load_digits_unet()
+        args, kwargs = (torch.randn(2, 1, 16, 16), torch.tensor([500, 500])), {}
+    else:
+        model, args, kwargs = zoo.build(name)
+    c = cfg(mode=mode, w_bits=w_bits, a_bits=a_bits)
+    q = md.quantize(model, c, example_args=args, example_kwargs=kwargs, inplace=False)
+    calls = steps_inputs(args, 3)
+    with md.trajectory(q):
+        mod = run(q, calls, kwargs)
+    fp = run(model, calls, kwargs)
+    torch._dynamo.reset()
+    try:
+        cm = torch.compile(model, backend=fusediff.backend(RewriteConfig(patterns=()), quant=c, inner="eager"),
+                           fullgraph=True)
+        with fusediff.trajectory(model):
+            got = run(cm, calls, kwargs)
+        rep = B.LAST_QUANT_REPORTS[-1]
+        assert all(bool(m.primed) for m in md.quant_layers(model) if m.state_kinds())
+    finally:
+        torch._dynamo.reset()
+    assert sorted((d.path, d.quantized, d.role) for d in rep.layers) == \
+        sorted((d.path, d.quantized, d.role) for d in md.quant_report(q).layers)
+    assert rep.quantized
+    om = fusediff.optimize(model, c, example_args=args, example_kwargs=kwargs)
+    with fusediff.trajectory(om):
+        opt = run(om, calls, kwargs)
+    for g, o, m, f in zip(got, opt, mod, fp):
+        err_m = float((m - f).norm() / f.norm())
+        for out in (g, o):
+            assert torch.isfinite(out).all()
+            err = float((out - f).norm() / f.norm())
+            assert err <= QUANT_TRAJECTORY_ERR_RATIO * err_m + QUANT_TRAJECTORY_ERR_FLOOR, (err, err_m)
+
+
 def test_backend_quant_errors_and_already_quantized_models():
     from lowering import backend as B
 
