@@ -52,6 +52,7 @@ from typing import Any, Iterable, Iterator, Optional, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakTensorKeyDictionary
 
 import kernels.conv_int8  # noqa: F401  (registers fusediff::int8_conv2d)
@@ -646,7 +647,7 @@ class QuantLinear(_QuantLayer):
             return out
         self._check_state(a, out_shape)
         operands = (a, self.o_hat, self.w_q, self.w_scale, bias)
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or is_fake(self.primed)):  # (aot_autograd traces outside dynamo too)
             if bool(self.primed):
                 return self.o_hat.clone()
             out = self._ctx_miss(*operands)

@@ -21,20 +21,26 @@ and last conv are the first and last conv calls of the graph); linears whose inp
 other than the sample (the text context) get the context K/V role. Each layer is registered under
 its weight tensor (:func:`fxpasses.modiff.register_graph_layers`), so ``fusediff.reset(unet)`` and
 ``with fusediff.trajectory(compiled):`` reach the compiled graph's caches through the model's
-parameters. The caches are sized at compile time from the nodes' shapes: static shapes only (a
-recompile for a new batch or resolution builds new layers, like a fresh trajectory).
+parameters. The caches are sized at compile time from the nodes' shapes. A graph traced with
+symbolic shapes (``dynamic=True``, or dynamo's automatic dynamic shapes after a batch change) is
+compiled again per concrete shape from a static copy (:func:`specialize`, in ``lowering.backend``);
+:func:`guard_trajectory` keeps one trajectory at a time across a model's graphs.
 
 Weights are quantized when the graph is compiled: an in-place weight change afterwards (a LoRA
 merge) needs a recompile (``torch._dynamo.reset()``), unlike ``fusediff.optimize``.
 """
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Any, Optional
+import weakref
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from fxpasses.canonicalize import canon, clean_module_path, module_path, tensor_meta, through
 from fxpasses.match import has_side_effect
@@ -43,7 +49,7 @@ from fxpasses.modiff import (LayerDecision, QuantConfig, QuantConv2d, QuantLinea
 
 log = logging.getLogger("fusediff.fxpasses")
 
-__all__ = ["quantize_graph", "QuantGraphError"]
+__all__ = ["quantize_graph", "QuantGraphError", "guard_trajectory", "check_trajectory", "is_symbolic", "specialize", "scalar_inputs"]
 
 
 class QuantGraphError(ValueError):
@@ -196,7 +202,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
     the :class:`~fxpasses.modiff.QuantReport` (one row per conv/linear call found).
 
     Raises:
-        QuantGraphError: a quantized layer's shapes are symbolic (``dynamic=True``).
+        QuantGraphError: a quantized layer's shapes are symbolic (:func:`specialize` the graph first).
     """
     g = gm.graph
     done = {"quantize_act", "modiff_quantize", "group_norm_quantize", "int8_conv2d", "int8_linear",
@@ -268,7 +274,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
         xv, ov = tensor_meta(x), tensor_meta(node)
         if xv is None or ov is None or not all(isinstance(s, int) for s in (*xv.shape, *ov.shape)):
             raise QuantGraphError(f"fusediff quant backend: layer {path!r} has symbolic shapes; MoDiff caches need "
-                                  "static shapes (compile without dynamic=True)")
+                                  "static shapes (lowering.backend compiles a static copy per shape: call that)")
         layer = (QuantLinear if d.kind == "linear" else QuantConv2d)(std, config, path, d.role)
         with torch.no_grad():  # size the caches for this graph's shapes, then start un-primed
             layer(torch.zeros(tuple(xv.shape), dtype=xv.dtype, device=std.weight.device))
@@ -297,3 +303,163 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
     log.info("MoDiff (graph): quantized %d of %d conv/linear calls (%s); %d GroupNorm -> quantizer fusions",
              len(layers), len(report.layers), config.label, fused)
     return report
+
+
+# ------------------------------------------------------------------------------------------------
+# One trajectory at a time across a model's compiled graphs (one graph per input shape)
+# ------------------------------------------------------------------------------------------------
+
+
+class _GraphState:
+    """The quantized layers of one compiled graph and the input shapes it was built for."""
+
+    def __init__(self, layers: list[nn.Module], shapes: tuple) -> None:
+        self.layers = layers
+        self.stateful = [m for m in layers if m.state_kinds()]
+        self.shapes = shapes
+
+    def primed(self) -> bool:
+        return any(bool(m.primed) for m in self.stateful)
+
+    def reseed(self) -> None:
+        for m in self.stateful:
+            m.primed.fill_(False)
+
+
+#: Per model (keyed by its first parameter, weakly): the states of every graph compiled from it.
+_GROUPS = WeakTensorKeyDictionary()
+
+
+def _user_shapes(example_inputs: list) -> tuple:
+    """The shapes of a call's data inputs (not parameters, symbolic sizes or lifted 0-d scalars)."""
+    return tuple(tuple(x.shape) for x in example_inputs
+                 if isinstance(x, torch.Tensor) and not isinstance(x, nn.Parameter) and x.dim() > 0)
+
+
+def guard_trajectory(fn: Callable, gm: fx.GraphModule, example_inputs: list, config: QuantConfig) -> Callable:
+    """Wrap a compiled quantized graph so the model runs one trajectory at a time across its graphs.
+
+    A new batch size or resolution compiles (or picks) another graph with its own caches. Called in
+    the middle of a trajectory that another graph of the same model holds (its layers primed), it
+    raises like a quantized module would (``on_shape_change="error"``), or starts the trajectory
+    over (``"reseed"``): never a silent mix of two trajectories. ``fusediff.reset(model)`` un-primes
+    every graph's layers, so the next trajectory may use any shape.
+    """
+    layers = [m for m in gm.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+    state = _GraphState(layers, _user_shapes(example_inputs))
+    if not state.stateful:
+        return fn
+    key = next((x for x in example_inputs if isinstance(x, nn.Parameter)), None)
+    if key is None:
+        return fn
+    group = _GROUPS.setdefault(key, [])
+    group[:] = [r for r in group if r() is not None] + [weakref.ref(state)]
+
+    def guarded(*args: Any) -> Any:
+        for other in _primed_others(group, lambda o: o is not state):
+            if config.on_shape_change == "error":
+                _raise_mid_trajectory(_user_shapes(list(args)), other.shapes)
+            log.warning("MoDiff (backend): input shapes %s -> %s mid-trajectory; re-seeding (float step)",
+                        other.shapes, state.shapes)
+            other.reseed()
+            state.reseed()
+        return fn(*args)
+
+    guarded._fusediff_state = state  # keeps the state alive as long as the compiled callable
+    return guarded
+
+
+def _primed_others(group: list, pick: Callable[[_GraphState], bool]) -> list[_GraphState]:
+    return [o for o in (r() for r in group) if o is not None and pick(o) and o.primed()]
+
+
+def _raise_mid_trajectory(shapes: tuple, started: tuple) -> None:
+    raise ValueError(
+        f"fusediff MoDiff (backend): the model was called with input shapes {shapes} in the middle of a "
+        f"trajectory started with {started}; MoDiff caches are never broadcast. Call fusediff.reset(model) "
+        "(or use `with fusediff.trajectory(model):`) before a new batch/shape, or quantize with "
+        "QuantConfig(on_shape_change='reseed').")
+
+
+def check_trajectory(args: list, config: QuantConfig) -> None:
+    """The check of :func:`guard_trajectory`'s wrapper, made before a call instead of inside it: a
+    graph of this model holds a trajectory with other input shapes -> raise (``"error"`` mode). For
+    callers that dispatch to a nested compiled graph, where an exception raised inside would unwind
+    through dynamo's frames."""
+    key = next((x for x in args if isinstance(x, nn.Parameter)), None)
+    if key is None or config.on_shape_change != "error" or key not in _GROUPS:
+        return
+    shapes = _user_shapes(args)
+    for other in _primed_others(_GROUPS[key], lambda o: o.shapes != shapes):
+        _raise_mid_trajectory(shapes, other.shapes)
+
+
+def is_symbolic(gm: fx.GraphModule, example_inputs: list) -> bool:
+    """Whether dynamo traced ``gm`` with symbolic shapes (``dynamic=True`` or automatic dynamic)."""
+    if any(isinstance(x, torch.SymInt) for x in example_inputs):
+        return True
+    for n in gm.graph.nodes:
+        v = n.meta.get("example_value", n.meta.get("val")) if n.op == "placeholder" else None
+        if isinstance(v, torch.Tensor) and not all(isinstance(s, int) for s in v.shape):
+            return True
+    return False
+
+
+_SHAPE_METHODS = {"size", "stride", "dim", "numel", "item"}
+
+
+def specialize(gm: fx.GraphModule, args: list) -> fx.GraphModule:
+    """A copy of a symbolic-shape dynamo graph to re-trace with the concrete ``args`` (static shapes).
+
+    MoDiff caches have one shape, so the backend compiles a graph traced with symbolic shapes again
+    per concrete input shape (``torch.compile(copy, dynamic=False)``, quantized like any static
+    graph). The copy runs once on ``args`` and its shape arithmetic is baked in: the symbolic-size
+    inputs, ``size()``/``stride()``/``sym_size`` readings and what is computed from them alone
+    (``torch.sym_sum``, ``operator.*``), and the scalars dynamo lifted into tensor inputs read with
+    ``.item()`` (GroupNorm's eps; the caller keys its copies on them, :func:`scalar_inputs`).
+    ``.item()`` of any other tensor stays: data, not shape.
+    """
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    g2 = fx.GraphModule(gm, graph)
+    phs = [n for n in graph.nodes if n.op == "placeholder"]
+    scalars = {phs[i] for i in scalar_inputs(g2)}
+    values: dict[fx.Node, Any] = {}
+
+    class _Record(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if isinstance(out, (int, float, bool)) and not isinstance(out, torch.Tensor):
+                values[n] = out
+            return out
+
+    _Record(g2).run(*args)
+
+    def static(n: fx.Node) -> bool:
+        if n not in values:
+            return False
+        if n.op == "placeholder":
+            return True
+        if n.op == "call_method" and n.target in _SHAPE_METHODS:
+            return n.target != "item" or n.args[0] in scalars
+        if n.op == "call_function" and n.target is torch.ops.aten.sym_size.int:
+            return True
+        return n.op == "call_function" and all(static(a) for a in n.all_input_nodes)
+
+    for n in list(graph.nodes):
+        if n.op != "placeholder" and static(n):
+            n.replace_all_uses_with(values[n])
+    for n in reversed(list(graph.nodes)):
+        if n.op not in ("placeholder", "output") and not n.users and n in values:
+            graph.erase_node(n)
+    graph.lint()
+    g2.recompile()
+    return g2
+
+
+def scalar_inputs(gm: fx.GraphModule) -> list[int]:
+    """Placeholders read as Python scalars (``x.item()``): dynamo lifts float module attributes such
+    as GroupNorm's eps into tensor inputs under dynamic shapes. A specialized graph bakes them in."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return [i for i, n in enumerate(phs) if any(u.op == "call_method" and u.target == "item" for u in n.users)]

@@ -109,10 +109,18 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
                 if fake:
                     raise FusediffBackendError("fusediff: backend(quant=...) needs the real weights among the "
                                                "example inputs; this graph came with fake tensors")
-                from fxpasses.modiff_graph import quantize_graph
+                from fxpasses.modiff_graph import is_symbolic
+
+                if is_symbolic(gm, list(example_inputs)):
+                    return _PerShape(gm, example_inputs, _backend, quant)
+                from fxpasses.modiff_graph import guard_trajectory, quantize_graph
 
                 LAST_QUANT_REPORTS.append(quantize_graph(gm, list(example_inputs), quant))
                 del LAST_QUANT_REPORTS[:-_MAX_KEEP]
+                return guard_trajectory(compile_inner(gm, example_inputs), gm, list(example_inputs), quant)
+        return compile_inner(gm, example_inputs)
+
+    def compile_inner(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
         if inner == "eager":
             return gm.forward
         from torch._inductor.compile_fx import compile_fx
@@ -121,6 +129,36 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
 
     _backend.__name__ = "fusediff"
     return _backend
+
+
+class _PerShape:
+    """A graph dynamo traced with symbolic shapes (``dynamic=True``, or its automatic dynamic shapes
+    after a batch/resolution change) under ``backend(quant=...)``: MoDiff caches have one shape, so
+    each concrete input shape compiles a static copy of the graph with the same backend
+    (``torch.compile(copy, dynamic=False)``), quantized and trajectory-guarded like any static graph."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], backend: Callable, quant: QuantConfig) -> None:
+        from fxpasses.modiff_graph import scalar_inputs
+
+        self.gm, self.backend, self.quant = gm, backend, quant
+        self.user = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
+        self.scalars = scalar_inputs(gm)  # baked into each copy: their values join the key
+        self.graphs: dict[tuple, Callable] = {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in (args[i] for i in self.user))
+        key += tuple(args[i].item() for i in self.scalars)
+        from fxpasses.modiff_graph import check_trajectory
+
+        check_trajectory(list(args), self.quant)  # here: not from inside the nested compiled graph
+        fn = self.graphs.get(key)
+        if fn is None:
+            from fxpasses.modiff_graph import specialize
+
+            log.info("fusediff quant backend: compiling a static copy of a symbolic-shape graph for %s", key)
+            fn = self.graphs[key] = torch.compile(specialize(self.gm, list(args)), backend=self.backend,
+                                                  dynamic=False, fullgraph=True)
+        return fn(*args)
 
 
 def fusediff_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
