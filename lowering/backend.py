@@ -14,6 +14,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from fxpasses import modiff_graph
 from fxpasses.config import RewriteConfig
 from fxpasses.match import PassResult
 from fxpasses.modiff import QuantConfig, QuantReport
@@ -58,7 +59,8 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
         quant: MoDiff/baseline low-bit quantization of the graph's conv2d/linear calls
             (:mod:`fxpasses.modiff_graph`; also ``OptimizeConfig.quant``). The caches live in the
             compiled graph; ``fusediff.reset(model)`` / ``with fusediff.trajectory(model):`` reach
-            them. Static shapes only; weights are quantized at compile time.
+            them. Weights are quantized at compile time; a graph with symbolic shapes is compiled
+            again per concrete shape (MoDiff caches have one shape).
         mode: inductor's ``torch.compile`` mode for the rest of the graph (``"max-autotune"``,
             ``"max-autotune-no-cudagraphs"``, ...; ``torch.compile(mode=...)`` itself only applies to
             ``backend="inductor"``). ``None``: inductor's defaults.
@@ -109,15 +111,11 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
                 if fake:
                     raise FusediffBackendError("fusediff: backend(quant=...) needs the real weights among the "
                                                "example inputs; this graph came with fake tensors")
-                from fxpasses.modiff_graph import is_symbolic
-
-                if is_symbolic(gm, list(example_inputs)):
+                if modiff_graph.is_symbolic(gm, list(example_inputs)):
                     return _PerShape(gm, example_inputs, _backend, quant)
-                from fxpasses.modiff_graph import guard_trajectory, quantize_graph
-
-                LAST_QUANT_REPORTS.append(quantize_graph(gm, list(example_inputs), quant))
+                LAST_QUANT_REPORTS.append(modiff_graph.quantize_graph(gm, list(example_inputs), quant))
                 del LAST_QUANT_REPORTS[:-_MAX_KEEP]
-                return guard_trajectory(compile_inner(gm, example_inputs), gm, list(example_inputs), quant)
+                return modiff_graph.guard_trajectory(compile_inner(gm, example_inputs), gm, list(example_inputs), quant)
         return compile_inner(gm, example_inputs)
 
     def compile_inner(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
@@ -138,25 +136,19 @@ class _PerShape:
     (``torch.compile(copy, dynamic=False)``), quantized and trajectory-guarded like any static graph."""
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], backend: Callable, quant: QuantConfig) -> None:
-        from fxpasses.modiff_graph import scalar_inputs
-
         self.gm, self.backend, self.quant = gm, backend, quant
         self.user = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
-        self.scalars = scalar_inputs(gm)  # baked into each copy: their values join the key
+        self.scalars = modiff_graph.scalar_inputs(gm)  # baked into each copy: their values join the key
         self.graphs: dict[tuple, Callable] = {}
 
     def __call__(self, *args: Any) -> Any:
         key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in (args[i] for i in self.user))
         key += tuple(args[i].item() for i in self.scalars)
-        from fxpasses.modiff_graph import check_trajectory
-
-        check_trajectory(list(args), self.quant)  # here: not from inside the nested compiled graph
+        modiff_graph.check_trajectory(list(args), self.quant)  # here: not from inside the nested compiled graph
         fn = self.graphs.get(key)
         if fn is None:
-            from fxpasses.modiff_graph import specialize
-
             log.info("fusediff quant backend: compiling a static copy of a symbolic-shape graph for %s", key)
-            fn = self.graphs[key] = torch.compile(specialize(self.gm, list(args)), backend=self.backend,
+            fn = self.graphs[key] = torch.compile(modiff_graph.specialize(self.gm, list(args)), backend=self.backend,
                                                   dynamic=False, fullgraph=True)
         return fn(*args)
 
