@@ -49,7 +49,7 @@ from fxpasses.modiff import (LayerDecision, QuantConfig, QuantConv2d, QuantLinea
 
 log = logging.getLogger("fusediff.fxpasses")
 
-__all__ = ["quantize_graph", "QuantGraphError", "guard_trajectory", "check_trajectory", "is_symbolic", "specialize", "scalar_inputs"]
+__all__ = ["quantize_graph", "QuantGraphError", "guard_trajectory", "check_trajectory", "graph_states", "is_symbolic", "specialize", "scalar_inputs"]
 
 
 class QuantGraphError(ValueError):
@@ -374,24 +374,36 @@ def _primed_others(group: list, pick: Callable[[_GraphState], bool]) -> list[_Gr
 
 
 def _raise_mid_trajectory(shapes: tuple, started: tuple) -> None:
+    what = (f"input shapes {shapes} in the middle of a trajectory started with {started}; MoDiff caches are never "
+            "broadcast" if shapes != started else
+            f"the same input shapes {shapes}, but dynamo compiled another graph (a guard failed: an input's dtype, "
+            "layout or Python value changed) in the middle of a trajectory; its caches cannot continue it")
     raise ValueError(
-        f"fusediff MoDiff (backend): the model was called with input shapes {shapes} in the middle of a "
-        f"trajectory started with {started}; MoDiff caches are never broadcast. Call fusediff.reset(model) "
-        "(or use `with fusediff.trajectory(model):`) before a new batch/shape, or quantize with "
+        f"fusediff MoDiff (backend): the model was called with {what}. Call fusediff.reset(model) (or use "
+        "`with fusediff.trajectory(model):`) before a new batch/shape, or quantize with "
         "QuantConfig(on_shape_change='reseed').")
 
 
-def check_trajectory(args: list, config: QuantConfig) -> None:
-    """The check of :func:`guard_trajectory`'s wrapper, made before a call instead of inside it: a
-    graph of this model holds a trajectory with other input shapes -> raise (``"error"`` mode). For
-    callers that dispatch to a nested compiled graph, where an exception raised inside would unwind
-    through dynamo's frames."""
+def _group(args: list) -> list:
     key = next((x for x in args if isinstance(x, nn.Parameter)), None)
-    if key is None or config.on_shape_change != "error" or key not in _GROUPS:
+    return _GROUPS.get(key, []) if key is not None else []
+
+
+def graph_states(args: list) -> set[int]:
+    """Ids of the live graph states of the model whose parameters are among ``args``."""
+    return {id(o) for o in (r() for r in _group(args)) if o is not None}
+
+
+def check_trajectory(args: list, config: QuantConfig, own: set[int]) -> None:
+    """The check of :func:`guard_trajectory`'s wrapper, made before a call instead of inside it:
+    another graph of this model (not in ``own``, the ids of the graphs this call will run) holds a
+    trajectory -> raise (``"error"`` mode; ``"reseed"`` is left to the wrapper). For callers that
+    dispatch to a nested compiled graph, where an exception raised inside would unwind through
+    dynamo's frames."""
+    if config.on_shape_change != "error":
         return
-    shapes = _user_shapes(args)
-    for other in _primed_others(_GROUPS[key], lambda o: o.shapes != shapes):
-        _raise_mid_trajectory(shapes, other.shapes)
+    for other in _primed_others(_group(args), lambda o: id(o) not in own):
+        _raise_mid_trajectory(_user_shapes(args), other.shapes)
 
 
 def is_symbolic(gm: fx.GraphModule, example_inputs: list) -> bool:

@@ -140,17 +140,22 @@ class _PerShape:
         self.user = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
         self.scalars = modiff_graph.scalar_inputs(gm)  # baked into each copy: their values join the key
         self.graphs: dict[tuple, Callable] = {}
+        self.own: dict[tuple, set[int]] = {}  # per copy: its graphs' trajectory states
 
     def __call__(self, *args: Any) -> Any:
         key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in (args[i] for i in self.user))
         key += tuple(args[i].item() for i in self.scalars)
-        modiff_graph.check_trajectory(list(args), self.quant)  # here: not from inside the nested compiled graph
+        # here, not inside the nested compiled graph (an exception there unwinds through dynamo's frames)
+        modiff_graph.check_trajectory(list(args), self.quant, self.own.get(key, set()))
         fn = self.graphs.get(key)
         if fn is None:
             log.info("fusediff quant backend: compiling a static copy of a symbolic-shape graph for %s", key)
             fn = self.graphs[key] = torch.compile(modiff_graph.specialize(self.gm, list(args)), backend=self.backend,
                                                   dynamic=False, fullgraph=True)
-        return fn(*args)
+        before = modiff_graph.graph_states(list(args))
+        out = fn(*args)
+        self.own[key] = self.own.get(key, set()) | (modiff_graph.graph_states(list(args)) - before)
+        return out
 
 
 def fusediff_backend(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:

@@ -774,6 +774,10 @@ def test_backend_quant_batch_and_shape_changes(dynamic):
         with fusediff.trajectory(model), pytest.raises(ValueError, match="middle of a trajectory"):
             run(cm, steps_inputs(args, 2))
             run(cm, steps_inputs(tiny(batch=4)[1], 1))
+        x, t, ctx = steps_inputs(args, 1)[0]
+        with fusediff.trajectory(model), pytest.raises(ValueError, match="compiled another graph"):
+            run(cm, [(x, t, ctx)])  # a new layout, same shapes: dynamo compiles another graph
+            run(cm, [(x.contiguous(memory_format=torch.channels_last), t, ctx)])
         torch._dynamo.reset()
         r = cfg(mode="modiff", a_bits=4, on_shape_change="reseed")
         qr = md.quantize(model, r, example_args=args, inplace=False)
