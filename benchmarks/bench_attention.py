@@ -75,7 +75,7 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = shapes.BA
         The rows written.
     """
     common.require_cuda()
-    import kernels.attention as attn  # registers fusediff::flash_attention
+    import fusediff.kernels.attention as attn  # registers fusediff::flash_attention
 
     torch_dtype = getattr(torch, dtype)
     peak = common.measured_matmul_tflops(torch_dtype)

@@ -80,8 +80,8 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = BATCHES,
         The rows written.
     """
     common.require_cuda()
-    from kernels import conv_int8 as CV
-    from kernels import quantize as Q
+    from fusediff.kernels import conv_int8 as CV
+    from fusediff.kernels import quantize as Q
 
     torch_dtype = getattr(torch, dtype)
     peak_f = common.measured_matmul_tflops(torch_dtype)

@@ -59,7 +59,7 @@ def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_geglu(dtype: torch.dtype, batches=shapes.BATCHES) -> list[Row]:
-    import kernels.geglu  # noqa: F401  (registers fusediff::geglu)
+    import fusediff.kernels.geglu  # noqa: F401  (registers fusediff::geglu)
 
     peak = measured_bandwidth_gbs()
     rows: list[Row] = []
@@ -88,7 +88,7 @@ def bench_geglu(dtype: torch.dtype, batches=shapes.BATCHES) -> list[Row]:
 
 
 def bench_linear_geglu(dtype: torch.dtype, batches=shapes.BATCHES) -> list[Row]:
-    import kernels.geglu  # noqa: F401  (registers fusediff::linear_geglu)
+    import fusediff.kernels.geglu  # noqa: F401  (registers fusediff::linear_geglu)
 
     peak = measured_matmul_tflops(dtype)
     rows: list[Row] = []

@@ -54,7 +54,7 @@ def run(out_dir: str, dtype: str = "float16", film: bool = False, channels_last:
         The rows written.
     """
     common.require_cuda()
-    import kernels.groupnorm as gn  # registers fusediff::group_norm_silu
+    import fusediff.kernels.groupnorm as gn  # registers fusediff::group_norm_silu
 
     torch_dtype = getattr(torch, dtype)
     peak = common.measured_bandwidth_gbs()

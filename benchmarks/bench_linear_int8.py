@@ -59,8 +59,8 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = shapes.BA
         providers: Sequence[str] = PROVIDERS, name: Optional[str] = None) -> list[common.Row]:
     """Time every feed-forward problem x batch x provider; write ``<name>.csv``/``.md``."""
     common.require_cuda()
-    from kernels import linear_int8 as LN
-    from kernels import quantize as Q
+    from fusediff.kernels import linear_int8 as LN
+    from fusediff.kernels import quantize as Q
 
     torch_dtype = getattr(torch, dtype)
     peak_f = common.measured_matmul_tflops(torch_dtype)

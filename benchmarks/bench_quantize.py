@@ -54,7 +54,7 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = shapes.BA
         providers: Sequence[str] = PROVIDERS, name: Optional[str] = None) -> list[common.Row]:
     """Time both quantizers on every GROUPNORM shape x batch x provider; write ``<name>.csv``/``.md``."""
     common.require_cuda()
-    from kernels import quantize as Q  # registers the ops
+    from fusediff.kernels import quantize as Q  # registers the ops
 
     torch_dtype = getattr(torch, dtype)
     peak = common.measured_bandwidth_gbs()

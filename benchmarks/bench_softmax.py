@@ -62,7 +62,7 @@ def _peak_mb(fn: Callable[[], object]) -> float:
 
 
 def _provider_fn(stage: str, provider: str) -> Callable:
-    from kernels.softmax import partial_softmax_attention
+    from fusediff.kernels.softmax import partial_softmax_attention
 
     eager = _eager_stage if stage == "softmax_matmul" else _eager_attention
     if provider == "eager":
@@ -90,7 +90,7 @@ def run(out_dir: str, dtype: str = "float16", batches: Sequence[int] = shapes.BA
         The rows written.
     """
     common.require_cuda()
-    import kernels.softmax  # noqa: F401  registers fusediff::softmax_stats / softmax_matmul
+    import fusediff.kernels.softmax  # noqa: F401  registers fusediff::softmax_stats / softmax_matmul
 
     torch_dtype = getattr(torch, dtype)
     peak_bw = common.measured_bandwidth_gbs()

@@ -34,7 +34,7 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from benchmarks.shapes import BATCHES, CONV3X3  # noqa: E402
-from kernels import winograd  # noqa: E402
+from fusediff.kernels import winograd  # noqa: E402
 
 OP = "winograd_conv2d"
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -38,9 +38,9 @@ def _first_call(model, args, kwargs, backend) -> float:
 
 
 def run(out_dir: str, models=("zoo:ddpm", "zoo:sd15")) -> list[Row]:
-    from fxpasses.capture import capture_dynamo
-    from fxpasses.match import run_passes
-    from lowering.models import resolve
+    from fusediff.fxpasses.capture import capture_dynamo
+    from fusediff.fxpasses.match import run_passes
+    from fusediff.lowering.models import resolve
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     rows = []

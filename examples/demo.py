@@ -16,7 +16,7 @@ import time
 import torch
 
 import fusediff
-from lowering.models import resolve
+from fusediff.lowering.models import resolve
 
 
 def main() -> None:

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fusediff import digits  # noqa: E402
-from fxpasses import modiff as md  # noqa: E402
+from fusediff.fxpasses import modiff as md  # noqa: E402
 
 MODES: dict[str, md.QuantConfig | None] = {
     "fp32": None,

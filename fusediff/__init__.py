@@ -9,18 +9,30 @@ Three ways in:
 """
 from __future__ import annotations
 
-import kernels as _kernels  # noqa: F401  (registers the fusediff:: custom ops)
-from fxpasses.api import Inspection
-from fxpasses.api import inspect_model as inspect
-from fxpasses.config import RewriteConfig
-from fxpasses.modiff import (QuantConfig, allocate, cache_bytes, calibrate, fuse_group_norm_quantize, prepare,
-                             preserve_state, quant_report, quantize, reset, trajectory)
-from fxpasses.report import Report, build_report
-from fxpasses.sites import Site
-from fxpasses.visualize import visualize
-from lowering.backend import backend
-from lowering.onnx_export import StatefulSession, export_onnx, run_onnx
-from lowering.transform import OptimizeConfig, OptimizedModule, optimize
+import importlib as _importlib
+
+from . import _layout
+
+# kernels/, fxpasses/ and lowering/ install as fusediff.kernels|fxpasses|lowering (fusediff/_layout.py).
+LAYOUT = _layout.mount(__name__, __path__[0])
+
+#: Every kernels/ op-family file; importing fusediff registers all of their ``fusediff::`` ops.
+KERNEL_FAMILIES = ("attention", "conv_int8", "geglu", "groupnorm", "linear_int8", "quantize", "softmax", "winograd")
+for _family in KERNEL_FAMILIES:
+    _importlib.import_module(f".kernels.{_family}", __name__)
+del _family
+
+from .fxpasses.api import Inspection
+from .fxpasses.api import inspect_model as inspect
+from .fxpasses.config import RewriteConfig
+from .fxpasses.modiff import (QuantConfig, allocate, cache_bytes, calibrate, fuse_group_norm_quantize, prepare,
+                              preserve_state, quant_report, quantize, reset, trajectory)
+from .fxpasses.report import Report, build_report
+from .fxpasses.sites import Site
+from .fxpasses.visualize import visualize
+from .lowering.backend import backend
+from .lowering.onnx_export import StatefulSession, export_onnx, run_onnx
+from .lowering.transform import OptimizeConfig, OptimizedModule, optimize
 
 __version__ = "0.1.0"
 

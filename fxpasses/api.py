@@ -8,12 +8,12 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from fxpasses.canonicalize import canonicalize
-from fxpasses.capture import capture_dynamo, capture_export
-from fxpasses.config import RewriteConfig
-from fxpasses.match import PassResult, apply_rewrites, find_sites, finish
-from fxpasses.report import Report, build_report
-from fxpasses.sites import Site
+from .canonicalize import canonicalize
+from .capture import capture_dynamo, capture_export
+from .config import RewriteConfig
+from .match import PassResult, apply_rewrites, find_sites, finish
+from .report import Report, build_report
+from .sites import Site
 
 log = logging.getLogger("fusediff.fxpasses")
 
@@ -72,7 +72,7 @@ def inspect_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     report = build_report(gm, res.sites, model=model, title=title)
     files: dict[str, str] = {}
     if out_dir is not None:
-        from fxpasses.visualize import visualize
+        from .visualize import visualize
 
         files = visualize(gm, res.sites, out_dir, report=report, title=title)
     if rewrite:

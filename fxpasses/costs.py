@@ -54,7 +54,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from fxpasses.canonicalize import module_path as node_module_path  # noqa: F401  (re-exported)
+from .canonicalize import module_path as node_module_path  # noqa: F401  (re-exported)
 
 log = logging.getLogger("fusediff.fxpasses")
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from fxpasses.canonicalize import CanonStats, canonicalize
-from fxpasses.config import RewriteConfig
-from fxpasses.patterns import attention, conv, gelu, groupnorm
-from fxpasses.sites import Site
+from .canonicalize import CanonStats, canonicalize
+from .config import RewriteConfig
+from .patterns import attention, conv, gelu, groupnorm
+from .sites import Site
 
 log = logging.getLogger("fusediff.fxpasses")
 

@@ -6,7 +6,7 @@
 ``kernels.conv_int8`` and ``kernels.linear_int8``. Everything else (norms, attention matmuls,
 activations) stays float and is still open to the float rewrites of ``fxpasses.match``.
 
-Math (papers/modiff-fused-low-bit-kernels, eq. 4-7; symmetric, zero point 0), per quantized layer l:
+Math ("Real-Time On-Device Diffusion: Practical Acceleration via Fused Low-Bit Kernels", eq. 4-7; symmetric, zero point 0), per quantized layer l:
 
     baseline:   o_t = s_a s_w (W_int ⊗ Q(a_t)) + b                           (fresh scale each call)
     MoDiff:     Δ   = Q(a_t - â_{t+1});   â_t = deQ(Δ) + â_{t+1}                 eq. (6)
@@ -55,11 +55,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import is_fake
 from torch.utils.weak import WeakTensorKeyDictionary
 
-import kernels.conv_int8  # noqa: F401  (registers fusediff::int8_conv2d)
-import kernels.linear_int8  # noqa: F401  (registers fusediff::int8_linear)
-import kernels.quantize  # noqa: F401  (registers fusediff::quantize_act / modiff_quantize)
-from kernels.conv_int8 import dequantize_conv_weight, prepare_conv_weight
-from kernels.linear_int8 import dequantize_linear_weight, prepare_linear_weight
+from ..kernels import quantize as _quantize_ops  # noqa: F401  (registers fusediff::quantize_act / modiff_quantize)
+from ..kernels.conv_int8 import dequantize_conv_weight, prepare_conv_weight
+from ..kernels.linear_int8 import dequantize_linear_weight, prepare_linear_weight
 
 log = logging.getLogger("fusediff.fxpasses")
 

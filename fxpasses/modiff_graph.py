@@ -42,9 +42,9 @@ import torch.nn as nn
 
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from fxpasses.canonicalize import canon, clean_module_path, module_path, tensor_meta, through
-from fxpasses.match import has_side_effect
-from fxpasses.modiff import (LayerDecision, QuantConfig, QuantConv2d, QuantLinear, QuantReport, group_norm_args,
+from .canonicalize import canon, clean_module_path, module_path, tensor_meta, through
+from .match import has_side_effect
+from .modiff import (LayerDecision, QuantConfig, QuantConv2d, QuantLinear, QuantReport, group_norm_args,
                              is_group_norm_silu, plan, register_graph_layers)
 
 log = logging.getLogger("fusediff.fxpasses")

@@ -29,8 +29,8 @@ from typing import Any, Sequence
 import torch.fx as fx
 from tabulate import tabulate
 
-from fxpasses import costs
-from fxpasses.sites import PATTERNS, Site
+from . import costs
+from .sites import PATTERNS, Site
 
 log = logging.getLogger("fusediff.fxpasses")
 

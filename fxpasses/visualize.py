@@ -29,9 +29,9 @@ from typing import Any, Sequence
 import networkx as nx
 import torch.fx as fx
 
-from fxpasses import costs
-from fxpasses.canonicalize import clean_module_path
-from fxpasses.sites import PATTERNS, Site
+from . import costs
+from .canonicalize import clean_module_path
+from .sites import PATTERNS, Site
 
 log = logging.getLogger("fusediff.fxpasses")
 
@@ -91,7 +91,7 @@ def _stack(n: fx.Node) -> list[tuple[str, str, str]]:
 
 
 def _site_summary(i: int, s: Site) -> dict[str, Any]:
-    from fxpasses.report import format_shapes, site_status
+    from .report import format_shapes, site_status
 
     return {"index": i, "pattern": s.pattern, "family": PATTERNS.get(s.pattern, ""),
             "module": s.module_path, "matched": bool(s.matched), "rewritten": bool(s.rewritten),
@@ -344,7 +344,7 @@ def _fmt_flops(f: int) -> str:
 
 
 def _shape_str(shape: Any) -> str:
-    from fxpasses.report import format_shape
+    from .report import format_shape
 
     return format_shape(shape) if shape is not None else ""
 

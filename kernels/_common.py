@@ -23,6 +23,43 @@ except Exception:  # pragma: no cover - exercised only where triton is missing
 
 Path = Literal["triton", "reference"]
 
+
+def _interpreter_numpy_compat() -> bool:
+    """Let triton < 3.7's interpreter run under numpy >= 2.5 (CPU tier only; no GPU effect).
+
+    Those interpreters turn a scalar kernel argument into a Python int with ``int(a)`` on a shape-(1,)
+    array, which numpy 2.5 refuses ("only 0-dimensional arrays can be converted to Python scalars"),
+    so every ``range(0, n, BLOCK)`` over a runtime ``n`` fails. Triton 3.7 squeezes first; this applies
+    the same one-line change to older interpreters (the GPU image's triton 3.6 + numpy 2.5.2, met by
+    ``make matrix-gpu-image``). Returns whether it patched.
+    """
+    if not (HAS_TRITON and interpret_mode()):
+        return False
+    import numpy as np
+
+    try:
+        int(np.zeros((1,), dtype=np.int32))
+        return False  # this numpy still converts size-1 arrays: nothing to do
+    except TypeError:
+        pass
+    import triton.runtime.interpreter as interp
+
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_fusediff_compat", False):
+        return False
+    import inspect
+
+    if "squeeze()" in inspect.getsource(orig):
+        return False  # a fixed interpreter (triton >= 3.7)
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._fusediff_compat = True
+    interp._patch_lang_tensor = patched
+    return True
+
 #: ``DISPATCH_COUNTS[(op_name, path)]`` counts launches per op and path.
 DISPATCH_COUNTS: collections.Counter[tuple[str, str]] = collections.Counter()
 
@@ -30,6 +67,9 @@ DISPATCH_COUNTS: collections.Counter[tuple[str, str]] = collections.Counter()
 def interpret_mode() -> bool:
     """True when Triton runs kernels on the CPU through its interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+INTERPRETER_PATCHED = _interpreter_numpy_compat()
 
 
 def choose_path(*tensors: torch.Tensor) -> Path:

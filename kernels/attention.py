@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from kernels import _common
+from . import _common
 
 if _common.HAS_TRITON:
     import triton
@@ -98,7 +98,7 @@ if _common.HAS_TRITON:
     # -----------------------------------------------------------------------------------------
     # _dot / _to_dtype (fp32-accumulating dot; RTNE cast, with the interpreter bf16 fixes) live in
     # kernels/_common.py, shared with the softmax family.
-    from kernels._common import _dot, _to_dtype  # noqa: E402
+    from ._common import _dot, _to_dtype  # noqa: E402
 
     # -----------------------------------------------------------------------------------------
     # Kernel

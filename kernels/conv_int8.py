@@ -46,14 +46,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import _common
-from kernels.quantize import _check_bits, pack_int4, quantize_weight, unpack_int4
+from . import _common
+from .quantize import _check_bits, pack_int4, quantize_weight, unpack_int4
 
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels.quantize import _store_cast
+    from .quantize import _store_cast
 else:  # pragma: no cover
     triton = None
     tl = None

@@ -1,6 +1,6 @@
 """GELU, GEGLU and the fused Linear -> GEGLU projection.
 
-Math (GELU, Hendrycks & Gimpel; papers/gpu-aware-diffusion-optimizations.txt, sec. 3.1, eq. (2)):
+Math (GELU, Hendrycks & Gimpel; "Speed Is All You Need" (arXiv:2304.11267), sec. 3.1, eq. (2)):
 
     gelu(x)      = x / 2 * (1 + erf(x / sqrt(2)))                                  approximate="none"
     gelu_tanh(x) = x / 2 * (1 + tanh(u)),  u = sqrt(2/pi) * (x + 0.044715 x^3)      approximate="tanh"
@@ -39,7 +39,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import _common
+from . import _common
 
 if _common.HAS_TRITON:
     import triton

@@ -1,6 +1,6 @@
 """Fused GroupNorm (+ affine, + FiLM scale/shift, + SiLU): ``fusediff::group_norm_silu``.
 
-Math (gpu-aware-diffusion-optimizations §3.1, eq. 1), for sample ``n`` and group ``g`` with
+Math ("Speed Is All You Need" (arXiv:2304.11267) §3.1, eq. 1), for sample ``n`` and group ``g`` with
 ``CPG = C // G`` channels and ``S = prod(spatial)`` positions, i.e. ``GS = CPG * S`` elements:
 
     mu_g  = mean(x[n, g*CPG:(g+1)*CPG, :])            (fp32)
@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import _common
+from . import _common
 
 if _common.HAS_TRITON:
     import triton

@@ -68,13 +68,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels import _common
+from . import _common
 
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels._common import _round_to_bf16
+    from ._common import _round_to_bf16
 else:  # pragma: no cover
     triton = None
     tl = None

@@ -39,14 +39,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from kernels import _common
+from . import _common
 
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
     # Shared jit helpers (fp32-accumulating dot; RTNE cast), incl. the interpreter bf16 fixes.
-    from kernels._common import _dot, _to_dtype
+    from ._common import _dot, _to_dtype
 
 _LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256

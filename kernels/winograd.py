@@ -54,13 +54,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels import _common
+from . import _common
 
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from kernels._common import _round_to_bf16
+    from ._common import _round_to_bf16
 else:  # pragma: no cover - only where triton is missing; the reference path still works
 
     class _NoTriton:

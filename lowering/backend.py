@@ -2,8 +2,8 @@
 
 The backend receives dynamo's torch-function-level graph, rewrites matched sites into
 ``fusediff::`` custom ops (fxpasses), then hands the graph to inductor's ``compile_fx`` so
-everything else is still compiled (DESIGN.md: rewriting later, after aot_autograd, hides
-patterns). The ``torch_dynamo_backends`` entry point registers ``"fusediff"`` at install time.
+everything else is still compiled (docs/architecture.md, "Capture": rewriting
+later, after aot_autograd, hides patterns). The ``torch_dynamo_backends`` entry point registers ``"fusediff"`` at install time.
 """
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from fxpasses import modiff_graph
-from fxpasses.config import RewriteConfig
-from fxpasses.match import PassResult
-from fxpasses.modiff import QuantConfig, QuantReport
-from lowering.transform import OptimizeConfig, rewrite_graph
-from lowering.verify import VerifyFailure
+from ..fxpasses import modiff_graph
+from ..fxpasses.config import RewriteConfig
+from ..fxpasses.match import PassResult
+from ..fxpasses.modiff import QuantConfig, QuantReport
+from .transform import OptimizeConfig, rewrite_graph
+from .verify import VerifyFailure
 
 log = logging.getLogger("fusediff.lowering")
 

@@ -18,7 +18,7 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
     import torch
 
     import fusediff
-    from lowering.models import resolve
+    from .models import resolve
 
     model, args, kwargs = resolve(a.model)
     model.eval()
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(fn=_cmd_inspect)
     z = sub.add_parser("zoo", help="list the fixture U-Nets")
     z.set_defaults(fn=_cmd_zoo)
-    from lowering.onnx_export import add_cli
+    from .onnx_export import add_cli
 
     add_cli(sub)
     a = p.parse_args(argv)

@@ -54,7 +54,6 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-import kernels  # noqa: F401  (registers the fusediff:: ops)
 
 log = logging.getLogger("fusediff.lowering")
 
@@ -573,7 +572,7 @@ class Prepared:
 
 
 def _unwrap(model_or_optimized: torch.nn.Module, rewrite_config):
-    from lowering.transform import OptimizedModule
+    from .transform import OptimizedModule
 
     if isinstance(model_or_optimized, OptimizedModule):
         cfg = rewrite_config or model_or_optimized._fd_config.rewrite
@@ -594,8 +593,8 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
     step, with the caches as inputs/outputs (sized by one first step on the example inputs; the
     model's own state is left as it was).
     """
-    from fxpasses import modiff
-    from lowering.transform import first_device
+    from ..fxpasses import modiff
+    from .transform import first_device
 
     model, cfg = _unwrap(model_or_optimized, rewrite_config)
     args, kwargs = tuple(example_args), dict(example_kwargs or {})
@@ -626,7 +625,7 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
 
 def _capture(fn: torch.nn.Module, args: tuple, kwargs: dict, caches: tuple, dynamic_batch: bool,
              dynamic_spatial: bool, rewrite: bool, cfg) -> Prepared:
-    from fxpasses.match import run_passes
+    from ..fxpasses.match import run_passes
 
     dyn = None
     try:
@@ -1223,7 +1222,7 @@ def _scope_stack(meta: dict[str, str]) -> list[tuple[str, str, str]]:
     """
     import ast
 
-    from fxpasses.canonicalize import clean_module_path
+    from ..fxpasses.canonicalize import clean_module_path
 
     try:
         scopes = ast.literal_eval(meta.get("pkg.torch.onnx.name_scopes", "[]"))
@@ -1311,7 +1310,7 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False, bran
     import networkx as nx
     import onnx
 
-    from fxpasses.visualize import fused_op_family
+    from ..fxpasses.visualize import fused_op_family
 
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model), load_external_data=False)
@@ -1396,7 +1395,7 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False, bran
 def visualize_onnx(model, out_dir: str | os.PathLike, *, depth: int = 2, title: str = "",
                    renderer: str = "auto") -> dict[str, str]:
     """Write ``onnx_graph.{dot,svg,html}`` and ``onnx_blocks.{dot,svg,html}`` of an ONNX model."""
-    from fxpasses import visualize as viz
+    from ..fxpasses import visualize as viz
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)
@@ -1417,12 +1416,12 @@ def visualize_onnx(model, out_dir: str | os.PathLike, *, depth: int = 2, title: 
 
 # ============================================================================ CLI
 def _cmd_export(a: argparse.Namespace) -> int:
-    from lowering.models import resolve
+    from .models import resolve
 
     model, args, kwargs = resolve(a.model)
     model.eval()
     if a.quant:
-        from fxpasses import modiff
+        from ..fxpasses import modiff
 
         model = modiff.quantize(model, parse_quant(a.quant), example_args=args, example_kwargs=kwargs, inplace=False)
     out = a.out or f"{a.model.replace(':', '_').replace('/', '_')}.onnx"
@@ -1445,7 +1444,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
     print("outputs: " + ", ".join(f"{o.name}{_fmt_dims(o)}" for o in m.graph.output))
     print("ops:     " + ", ".join(f"{k}x{v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     if a.check and prep.state:  # first step (float) and one integer step, from the same input
-        from fxpasses import modiff
+        from ..fxpasses import modiff
 
         sess = StatefulSession(out)
         with torch.no_grad(), modiff.preserve_state(model), modiff.trajectory(model):
@@ -1476,7 +1475,7 @@ def parse_quant(spec: str):
     """``"modiff-w8a4"`` -> ``QuantConfig(mode="modiff", w_bits=8, a_bits=4)`` (CLI ``--quant``)."""
     import re
 
-    from fxpasses.modiff import QuantConfig
+    from ..fxpasses.modiff import QuantConfig
 
     m = re.fullmatch(r"(baseline|modiff)[-_:]w(\d+)a(\d+)", spec.strip().lower())
     if m is None:

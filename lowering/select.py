@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from fxpasses.sites import Site
+from ..fxpasses.sites import Site
 
 log = logging.getLogger("fusediff.lowering")
 

@@ -16,13 +16,13 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fxpasses.canonicalize import canonicalize
-from fxpasses.capture import capture_export
-from fxpasses.config import RewriteConfig
-from fxpasses.match import PassResult, apply_rewrites, find_sites
-from fxpasses.modiff import QuantConfig
-from lowering.select import POLICIES, Selector
-from lowering.verify import VerifyFailure, verify_graph
+from ..fxpasses.canonicalize import canonicalize
+from ..fxpasses.capture import capture_export
+from ..fxpasses.config import RewriteConfig
+from ..fxpasses.match import PassResult, apply_rewrites, find_sites
+from ..fxpasses.modiff import QuantConfig
+from .select import POLICIES, Selector
+from .verify import VerifyFailure, verify_graph
 
 log = logging.getLogger("fusediff.lowering")
 
@@ -80,7 +80,7 @@ def rewrite_graph(gm: fx.GraphModule, config: "OptimizeConfig", device: torch.de
     res.sites = find_sites(gm, config.rewrite)
     Selector(config.selection).apply(res.sites, device)
     apply_rewrites(gm, res)
-    from fxpasses.modiff import fuse_group_norm_quantize
+    from ..fxpasses.modiff import fuse_group_norm_quantize
 
     fuse_group_norm_quantize(gm)  # MoDiff graphs only: GroupNorm(+SiLU) -> quantizer in one op (Fig. 1)
     failures: list[VerifyFailure] = []
@@ -175,7 +175,7 @@ class OptimizedModule(torch.nn.Module):
         was_training = model.training
         model.eval()
         try:
-            from fxpasses import modiff as _modiff
+            from ..fxpasses import modiff as _modiff
 
             # output structure (and dtype) to give back; MoDiff caches are restored afterwards
             with torch.no_grad(), _modiff.preserve_state(model):
@@ -244,7 +244,7 @@ def optimize(model: torch.nn.Module, config: OptimizeConfig | RewriteConfig | Qu
         raise TypeError(f"optimize: config must be OptimizeConfig, RewriteConfig or QuantConfig, got "
                         f"{type(config).__name__}")
     if config.quant is not None:
-        from fxpasses.modiff import quantize
+        from ..fxpasses.modiff import quantize
 
         model = quantize(model, config.quant, example_args=tuple(example_args), example_kwargs=example_kwargs,
                          inplace=False)

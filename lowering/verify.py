@@ -22,7 +22,7 @@ VERIFY_TOL: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float16: 2e-2
 
 
 def _refs() -> dict[Any, Callable]:
-    from kernels import attention, geglu, groupnorm, winograd
+    from ..kernels import attention, geglu, groupnorm, winograd
 
     ops = torch.ops.fusediff
     return {

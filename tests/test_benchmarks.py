@@ -15,7 +15,7 @@ import fusediff
 from fusediff import zoo
 from benchmarks import bench_unet
 from benchmarks.common import Row, write_results
-from fxpasses import modiff as md
+from fusediff.fxpasses import modiff as md
 from tests.tolerances import MODEL_TOL, SQNR_DB, assert_close, sqnr_db
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

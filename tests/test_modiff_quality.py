@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fusediff import digits
-from fxpasses import modiff as md
+from fusediff.fxpasses import modiff as md
 
 N, STEPS, SEED = 32, 20, 0
 

@@ -1,6 +1,6 @@
 """The one table of float tolerances used by every test.
 
-Two rules, both from STYLE.md:
+Two rules (docs/architecture.md, "Tests"):
 * fp32: fixed ``atol``/``rtol`` below (the kernel and the reference compute the same math in fp32;
   only reduction order differs).
 * fp16/bf16: the kernel's max error against an fp32 reference may be at most ``LOWP_ERR_RATIO`` x

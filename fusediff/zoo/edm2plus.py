@@ -1,5 +1,5 @@
 """An EDM2+-style U-Net ("EDM2+: Exploring Efficient Diffusion Model Architectures for Visual
-Generation", shared/papers/edm2plus-efficient-unet-architectures.txt): EDM2's macro-architecture
+Generation", an anonymous ICLR submission under review): EDM2's macro-architecture
 with every block's two 3x3 convolutions replaced by the paper's CONFIG G* block (its final EDM2+
 design, Figure 3), eq. (9):
 

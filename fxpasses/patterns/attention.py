@@ -19,9 +19,9 @@ import numbers
 import torch
 import torch.fx as fx
 
-from fxpasses.canonicalize import canon, forward_chain, is_op, make_call, tensor_meta, through
-from fxpasses.config import RewriteConfig
-from fxpasses.sites import Site
+from ..canonicalize import canon, forward_chain, is_op, make_call, tensor_meta, through
+from ..config import RewriteConfig
+from ..sites import Site
 
 _SHAPE_OPS = ("view", "permute", "transpose", "contiguous", "cast", "getitem", "chunk", "split")
 
@@ -169,7 +169,7 @@ def _kind(q, k) -> str:
 
 
 def _finish(site: Site, cfg: RewriteConfig, q4_shape, k4_shape, dtype, why: str | None):
-    from kernels import attention as katt
+    from ...kernels import attention as katt
 
     if why is None:
         if not cfg.allows_dtype(dtype):
@@ -184,7 +184,7 @@ def _finish(site: Site, cfg: RewriteConfig, q4_shape, k4_shape, dtype, why: str 
             if cfg.attention_impl == "partial_softmax":
                 site.attrs["impl"] = "partial_softmax"
             elif not ok:
-                from kernels import softmax as ksm
+                from ...kernels import softmax as ksm
 
                 if q4_shape[-1] <= ksm.MAX_HEAD_DIM and tuple(q4_shape[:2]) == tuple(k4_shape[:2]):
                     # the flash kernel's constraints fail: fall back to the partially fused softmax
@@ -401,14 +401,14 @@ def _to_bhld(g, x, sub: str, batch: str, l: str, d: str, like):
 
 
 def _partial_softmax(q, k, v, attn_mask, scale):
-    from kernels.softmax import partial_softmax_attention
+    from ...kernels.softmax import partial_softmax_attention
 
     return partial_softmax_attention(q, k, v, scale=scale, attn_mask=attn_mask)
 
 
 def rewrite(gm: fx.GraphModule, site: Site) -> None:
-    import kernels.attention  # noqa: F401  (registers fusediff::flash_attention)
-    import kernels.softmax  # noqa: F401  (registers fusediff::softmax_stats / softmax_matmul)
+    from ...kernels import attention  # noqa: F401  (registers fusediff::flash_attention)
+    from ...kernels import softmax  # noqa: F401  (registers fusediff::softmax_stats / softmax_matmul)
 
     p = site.attrs["_plan"]
     g = gm.graph

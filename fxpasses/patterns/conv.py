@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxpasses.canonicalize import canon, is_op, make_call, tensor_meta
-from fxpasses.config import RewriteConfig
-from fxpasses.sites import Site
+from ..canonicalize import canon, is_op, make_call, tensor_meta
+from ..config import RewriteConfig
+from ..sites import Site
 
 
 def _ints(v, n=2):
@@ -26,7 +26,7 @@ def _ints(v, n=2):
 
 
 def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
-    from kernels import winograd as kw
+    from ...kernels import winograd as kw
 
     sites: list[Site] = []
     if cfg.winograd == "off":
@@ -66,7 +66,7 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
 
 
 def rewrite(gm: fx.GraphModule, site: Site) -> None:
-    from kernels import winograd as kw
+    from ...kernels import winograd as kw
 
     n = site.attrs["_plan"]["node"]
     c = canon(n)

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxpasses.canonicalize import canon, is_op, make_call, tensor_meta, through
-from fxpasses.config import RewriteConfig
-from fxpasses.sites import Site
+from ..canonicalize import canon, is_op, make_call, tensor_meta, through
+from ..config import RewriteConfig
+from ..sites import Site
 
 
 def _geglu(gelu: fx.Node):
@@ -51,7 +51,7 @@ def _geglu(gelu: fx.Node):
 
 
 def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
-    from kernels import geglu as kg
+    from ...kernels import geglu as kg
 
     sites: list[Site] = []
     for n in gm.graph.nodes:
@@ -118,7 +118,7 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
 
 
 def rewrite(gm: fx.GraphModule, site: Site) -> None:
-    import kernels.geglu  # noqa: F401  (registers fusediff::gelu / geglu / linear_geglu)
+    from ...kernels import geglu  # noqa: F401  (registers fusediff::gelu / geglu / linear_geglu)
 
     p = site.attrs["_plan"]
     g = gm.graph

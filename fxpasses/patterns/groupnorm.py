@@ -18,9 +18,9 @@ import numbers
 import torch
 import torch.fx as fx
 
-from fxpasses.canonicalize import canon, forward_chain, is_op, make_call, tensor_meta, through
-from fxpasses.config import RewriteConfig
-from fxpasses.sites import Site
+from ..canonicalize import canon, forward_chain, is_op, make_call, tensor_meta, through
+from ..config import RewriteConfig
+from ..sites import Site
 
 _VIEWS = ("view", "permute", "transpose", "contiguous", "cast")
 
@@ -97,7 +97,7 @@ def _consumer(n: fx.Node) -> str:
 
 def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
     """Every GroupNorm in ``gm`` becomes a site (matched, or rejected with a reason)."""
-    from kernels import groupnorm as kgn
+    from ...kernels import groupnorm as kgn
 
     sites: list[Site] = []
     for gn in gm.graph.nodes:
@@ -193,7 +193,7 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
 
 def rewrite(gm: fx.GraphModule, site: Site) -> None:
     """Apply one matched site: insert the fused op, reroute users, leave dead nodes to DCE."""
-    import kernels.groupnorm  # noqa: F401  (registers fusediff::group_norm_silu)
+    from ...kernels import groupnorm  # noqa: F401  (registers fusediff::group_norm_silu)
 
     p = site.attrs["_plan"]
     gn, out = p["gn"], p["out"]

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 
 import fusediff
 from fusediff import zoo
-from fxpasses import modiff as md
-from fxpasses.capture import capture_dynamo, capture_export
-from fxpasses.config import RewriteConfig
-from fxpasses.match import run_passes
-from kernels import _common
+from fusediff.fxpasses import modiff as md
+from fusediff.fxpasses.capture import capture_dynamo, capture_export
+from fusediff.fxpasses.config import RewriteConfig
+from fusediff.fxpasses.match import run_passes
+from fusediff.kernels import _common
 from tests.tolerances import (MODEL_TOL, QUANT_TRAJECTORY_ERR_FLOOR, QUANT_TRAJECTORY_ERR_RATIO, SQNR_DB, TOL,
                                assert_close, sqnr_db)
 
@@ -609,7 +609,7 @@ def test_inductor_compiles_once_per_trajectory(how):
     backend=fusediff.backend(quant=...)) (caches as buffers of the compiled graph). The in-place
     cache updates compile as buffer mutations: one graph for two trajectories, equal to each other,
     at quantization-noise distance from eager (inductor reorders float math)."""
-    from lowering import backend as B
+    from fusediff.lowering import backend as B
 
     model, args, kwargs = tiny()
     c = cfg(mode="modiff", a_bits=8)
@@ -653,7 +653,7 @@ def test_backend_quant_equals_module_quantization(zoo_models, name, mode):
     per-layer decisions as quantize(model, cfg, example_args=...) (first/last conv by execution,
     context K/V by the graph input feeding them) and, float rewrites aside, the same numbers bit for
     bit. fusediff.trajectory(model) reaches the compiled graph's caches; the model stays float."""
-    from lowering import backend as B
+    from fusediff.lowering import backend as B
 
     model, args, kwargs = zoo_models[name]
     c = cfg(mode=mode, a_bits=4)
@@ -710,7 +710,7 @@ def test_backend_quant_on_every_fixture(name, mode, w_bits, a_bits):
     QuantConfig) (float rewrites on) keep the trajectory's error against the float model like
     quantize()'s."""
     from fusediff import digits
-    from lowering import backend as B
+    from fusediff.lowering import backend as B
 
     if name == "digits":
         model = digits.load_digits_unet()
@@ -819,7 +819,7 @@ def test_backend_quant_dynamic_with_inductor():
 
 
 def test_backend_quant_errors_and_already_quantized_models():
-    from lowering import backend as B
+    from fusediff.lowering import backend as B
 
     model, args, _ = tiny()
     with pytest.raises(TypeError, match="quant must be a QuantConfig"):
@@ -940,7 +940,7 @@ def test_backend_quant_folds_mpconv_weights(name):
     result and erases it (one weight norm fewer per quantized layer). Same per-layer decisions as
     quantize() (the MPConv linears `x @ W.t()` included), and the same quantization error against
     the float model (the two fold the gain differently: rounding noise, judged by the table)."""
-    from lowering import backend as B
+    from fusediff.lowering import backend as B
 
     model, args, kwargs = zoo.build(name)
     c = cfg(mode="modiff", a_bits=8)
@@ -977,7 +977,7 @@ def test_backend_quant_folds_mpconv_weights(name):
 def test_backend_quant_weight_from_an_input_stays_float():
     """A weight computed from a call argument (a LoRA-style scale passed in) is not a constant: that
     conv stays float; the parameter-only ``x @ (2 W).t()`` next to it is folded and quantized."""
-    from lowering import backend as B
+    from fusediff.lowering import backend as B
 
     class Net(nn.Module):
         def __init__(self):
@@ -1078,7 +1078,7 @@ def test_backend_quant_fuses_group_norm_like_the_module_path(zoo_models):
     fuse_group_norm_quantize finds on the quantized module's graph), and the whole trajectory equals
     torch.compile(quantize(model), backend="fusediff") -- the module path with its fusion -- bit for
     bit, steps 2 and 3 on the integer path."""
-    from lowering import backend as B
+    from fusediff.lowering import backend as B
 
     model, args, kwargs = zoo_models["ldm"]
     c = cfg(mode="modiff", a_bits=4)

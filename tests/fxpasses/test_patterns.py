@@ -13,10 +13,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fxpasses.capture import capture_dynamo, capture_export
-from fxpasses.config import RewriteConfig
-from fxpasses.match import run_passes
-from kernels import _common
+from fusediff.fxpasses.capture import capture_dynamo, capture_export
+from fusediff.fxpasses.config import RewriteConfig
+from fusediff.fxpasses.match import run_passes
+from fusediff.kernels import _common
 from tests.tolerances import MODEL_TOL, TOL, assert_close
 
 CAPTURES = ("export", "dynamo")

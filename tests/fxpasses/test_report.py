@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from fxpasses import costs
-from fxpasses.report import Report, build_report, format_shape
-from fxpasses.sites import Site
+from fusediff.fxpasses import costs
+from fusediff.fxpasses.report import Report, build_report, format_shape
+from fusediff.fxpasses.sites import Site
 
 F32 = 4  # bytes per float32 element
 

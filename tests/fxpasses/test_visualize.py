@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-import kernels.geglu  # noqa: F401  (registers fusediff::gelu for the rewritten-graph test)
-from fxpasses import costs, visualize as V
-from fxpasses.report import build_report
-from fxpasses.sites import Site
+import fusediff.kernels.geglu  # noqa: F401  (registers fusediff::gelu for the rewritten-graph test)
+from fusediff.fxpasses import costs, visualize as V
+from fusediff.fxpasses.report import build_report
+from fusediff.fxpasses.sites import Site
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from fusediff import zoo
-from fxpasses.capture import capture_dynamo, capture_export
-from fxpasses.match import run_passes
+from fusediff.fxpasses.capture import capture_dynamo, capture_export
+from fusediff.fxpasses.match import run_passes
 from tests.tolerances import MODEL_TOL
 
 NAMES = zoo.names()

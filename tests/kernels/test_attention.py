@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels.attention as attn
-from kernels import _common
+import fusediff.kernels.attention as attn
+from fusediff.kernels import _common
 from tests.tolerances import TOL, TOL_LONG_REDUCTION, assert_close, assert_lowp_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels._common as common
-from kernels import conv_int8 as CV
-from kernels import quantize as Q
+import fusediff.kernels._common as common
+from fusediff.kernels import conv_int8 as CV
+from fusediff.kernels import quantize as Q
 from tests.tolerances import SQNR_DB, TOL, TOL_LONG_REDUCTION, assert_close, sqnr_db
 
 

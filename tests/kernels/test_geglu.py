@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels._common as common
-from kernels import geglu as G
+import fusediff.kernels._common as common
+from fusediff.kernels import geglu as G
 from tests.tolerances import assert_close, assert_lowp_close
 
 # On a CUDA machine the grid runs on the GPU; on CPU the Triton kernels are interpreted.

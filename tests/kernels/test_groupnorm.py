@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _common, groupnorm
-from kernels.groupnorm import group_norm_silu_kernel_supported, group_norm_silu_ref
+from fusediff.kernels import _common, groupnorm
+from fusediff.kernels.groupnorm import group_norm_silu_kernel_supported, group_norm_silu_ref
 from tests.tolerances import TOL, assert_close, assert_lowp_close
 
 OP = torch.ops.fusediff.group_norm_silu

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels._common as common
-from kernels import linear_int8 as LN
-from kernels import quantize as Q
+import fusediff.kernels._common as common
+from fusediff.kernels import linear_int8 as LN
+from fusediff.kernels import quantize as Q
 from tests.tolerances import SQNR_DB, TOL, TOL_LONG_REDUCTION, assert_close, sqnr_db
 
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-import kernels._common as common
-from kernels import quantize as Q
+import fusediff.kernels._common as common
+from fusediff.kernels import quantize as Q
 from tests.tolerances import TOL, assert_close
 
 QMAX = {8: 127, 4: 7}

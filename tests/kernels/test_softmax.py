@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels.softmax as sm
-from kernels import _common
-from kernels.attention import flash_attention_ref
+import fusediff.kernels.softmax as sm
+from fusediff.kernels import _common
+from fusediff.kernels.attention import flash_attention_ref
 from tests.tolerances import TOL, TOL_LONG_REDUCTION, assert_close, assert_lowp_close
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import _common, winograd
-from kernels.winograd import (
+from fusediff.kernels import _common, winograd
+from fusediff.kernels.winograd import (
     winograd_conv2d,
     winograd_conv2d_ref,
     winograd_error_report,

@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusediff
-from lowering import backend as lb
+from fusediff.lowering import backend as lb
 from tests.fxpasses.test_patterns import FiLMBlock, ResnetHalf, SDPAAttn
 from tests.tolerances import MODEL_TOL
 
@@ -43,7 +43,7 @@ def test_entry_point_registered_without_import():
             "fn = lookup_backend('fusediff'); print(fn.__module__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "lowering.backend" in out.stdout
+    assert out.stdout.strip() == "fusediff.lowering.backend"
 
 
 def test_backend_eager_inner_rewrites_and_matches():

@@ -23,9 +23,9 @@ pytest.importorskip("onnxscript")
 
 import numpy as np  # noqa: E402
 
-import kernels  # noqa: E402,F401
-from kernels.winograd import winograd_weight_transform  # noqa: E402
-from lowering import onnx_export as ox  # noqa: E402
+import fusediff  # noqa: E402,F401
+from fusediff.kernels.winograd import winograd_weight_transform  # noqa: E402
+from fusediff.lowering import onnx_export as ox  # noqa: E402
 from tests.tolerances import MODEL_TOL, TOL, TRAJECTORY_TOL  # noqa: E402
 
 FD = torch.ops.fusediff
@@ -335,7 +335,7 @@ def test_zoo_unet_exports_and_matches(zoo_exports, name, opset):
 
 
 def test_onnx_graph_draws_with_the_fx_visualizer(zoo_exports):
-    from fxpasses import visualize as viz
+    from fusediff.fxpasses import visualize as viz
 
     path = zoo_exports / "ddpm_23.onnx"
     if not path.exists():
@@ -376,7 +376,7 @@ def test_dynamic_spatial(tmp_path):
 # ---------------------------------------------------------------------------------------------
 def test_cli_export_digits_and_latency(tmp_path, capsys):
     """``fusediff export-onnx digits --check`` and onnxruntime CPU latency vs PyTorch eager."""
-    from lowering.models import resolve
+    from fusediff.lowering.models import resolve
 
     p = argparse.ArgumentParser()
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -408,7 +408,7 @@ def test_cli_export_digits_and_latency(tmp_path, capsys):
 def test_digits_ddim_trajectory_through_onnxruntime(tmp_path):
     """The shipped model's whole DDIM run (float, rewritten) through onnxruntime matches PyTorch."""
     from fusediff import digits
-    from lowering.onnx_export import export_onnx, make_session, run_onnx
+    from fusediff.lowering.onnx_export import export_onnx, make_session, run_onnx
 
     unet = digits.load_digits_unet()
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))

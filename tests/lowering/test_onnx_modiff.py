@@ -23,10 +23,10 @@ pytest.importorskip("onnxscript")
 
 import numpy as np  # noqa: E402
 
-from fxpasses import modiff as md  # noqa: E402
-from kernels import conv_int8 as CV  # noqa: E402
-from kernels import linear_int8 as LN  # noqa: E402
-from lowering import onnx_export as ox  # noqa: E402
+from fusediff.fxpasses import modiff as md  # noqa: E402
+from fusediff.kernels import conv_int8 as CV  # noqa: E402
+from fusediff.kernels import linear_int8 as LN  # noqa: E402
+from fusediff.lowering import onnx_export as ox  # noqa: E402
 from tests.tolerances import (MODEL_TOL, ONNX_QUANT_STEP_SQNR_DB, QUANT_TRAJECTORY_ERR_FLOOR,  # noqa: E402
                               QUANT_TRAJECTORY_ERR_RATIO, TOL_LONG_REDUCTION, assert_close, sqnr_db)
 
@@ -346,7 +346,7 @@ def test_baseline_models_export(tmp_path):
 
 
 def test_stateful_graph_draws_with_the_fx_visualizer(tmp_path):
-    from fxpasses import visualize as viz
+    from fusediff.fxpasses import visualize as viz
 
     _, q, args, kwargs = _quantized(md.QuantConfig(mode="modiff"))
     path = ox.export_onnx(q, args, tmp_path / "tiny.onnx", example_kwargs=kwargs)

@@ -27,7 +27,7 @@ def cpu_reference_ops(monkeypatch):
     The interpreter would make a 10-step SD-shaped CFG run take minutes on a 2-core CI machine.
     """
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    from kernels import _common
+    from fusediff.kernels import _common
 
     _common.reset_counts()
     yield

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import fusediff
-from fxpasses.sites import Site
-from kernels import groupnorm as kgn
-from lowering import backend as lb
-from lowering.select import Selector
+from fusediff.fxpasses.sites import Site
+from fusediff.kernels import groupnorm as kgn
+from fusediff.lowering import backend as lb
+from fusediff.lowering.select import Selector
 from tests.fxpasses.test_patterns import ResnetHalf
 from tests.lowering.test_backend_transform import Block
 from tests.tolerances import MODEL_TOL
