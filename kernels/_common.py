@@ -92,11 +92,23 @@ def record(op: str, path: Path) -> None:
     DISPATCH_COUNTS[(op, path)] += 1
 
 
+def dispatch(name: str, tensors, launch, reference):
+    """Run ``launch()`` (the Triton kernel) or ``reference()`` as :func:`choose_path` picks for
+    ``tensors`` (None entries skipped), counting the launch under ``name``."""
+    path = choose_path(*(t for t in tensors if t is not None))
+    record(name, path)
+    return launch() if path == "triton" else reference()
+
+
 def reset_counts() -> None:
     DISPATCH_COUNTS.clear()
 
 
-def check_float(name: str, t: torch.Tensor, allowed=(torch.float32, torch.float16, torch.bfloat16)) -> None:
+#: The float dtypes activations, caches and parameters may have (the default of :func:`check_float`).
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(name: str, t: torch.Tensor, allowed=FLOATS) -> None:
     """Raise a clear error when ``t`` has a dtype the kernel does not take."""
     if t.dtype not in allowed:
         raise TypeError(f"fusediff: {name} must be one of {[str(d) for d in allowed]}, got {t.dtype}")
@@ -104,6 +116,16 @@ def check_float(name: str, t: torch.Tensor, allowed=(torch.float32, torch.float1
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def interpret_bf16(dtype: torch.dtype) -> bool:
+    """Value of ``INTERPRET_BF16``, the one name of the interpreter-bf16 constexpr: interpreter + bf16.
+
+    The interpreter's ``tl.dot`` multiplies bf16's uint16 storage as integers and its fp32 -> bf16
+    cast truncates; kernels with this flag widen bf16 tiles to fp32 before a dot (exact) and round
+    to nearest even before a bf16 store (:func:`_dot`, :func:`_to_dtype`). Always False on the GPU.
+    """
+    return interpret_mode() and dtype == torch.bfloat16
 
 
 #: The one tile the int8 GEMMs use under the interpreter: CPU tests must not autotune; small
@@ -154,3 +176,26 @@ if HAS_TRITON:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
         return tl.where(x != x, x, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
+
+    @triton.jit
+    def _store_cast(x, ptr):
+        """fp32 -> the pointee dtype of ``ptr``, round-to-nearest-even for every target.
+
+        bf16 is rounded in integer bits first: the Triton interpreter truncates fp32 -> bf16 while
+        the GPU rounds to nearest even; pre-rounding makes both (and torch) agree bit for bit.
+        """
+        if ptr.dtype.element_ty == tl.bfloat16:
+            x = _round_to_bf16(x)
+        return x.to(ptr.dtype.element_ty)
+
+    @triton.jit
+    def _grouped_pid(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+        """Program id -> (pid_m, pid_n) in grouped order (Triton matmul tutorial): GROUP_M row tiles
+        sweep the columns together, so the column (weight) tiles they share stay in L2."""
+        num_pid_in_group = GROUP_M * num_pid_n
+        group_id = pid // num_pid_in_group
+        first_pid_m = group_id * GROUP_M
+        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+        pid_n = (pid % num_pid_in_group) // group_size_m
+        return pid_m, pid_n

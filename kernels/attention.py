@@ -320,7 +320,7 @@ def _flash_attention_launch(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional
         float(scale) * _LOG2E,
         MASK_KIND=mask_kind,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRET_BF16=q.dtype == torch.bfloat16 and q.device.type == "cpu",
+        INTERPRET_BF16=_common.interpret_bf16(q.dtype),
         BLOCK_D=block_d,
     )
     return out

@@ -24,13 +24,13 @@ The B tile ``[BLOCK_K, BLOCK_N]`` comes from the prepared weight ``(Cout, K)`` (
 interpreter also computes int8 dots exactly in int32, so CPU tests exercise the same code path).
 
 INT4 weights (``w_bits=4``): the (Cout, K) matrix above, in this (r, s, cin) K order, packed by
-``kernels.quantize.pack_int4`` (element k in byte k // 2, low nibble for even k, two's complement),
-shape ``(Cout, ceil(K/2))`` uint8. The kernel loads the byte for each k of its tile and
-sign-extends the nibble in registers to int8 before the same int8 dot: Hopper has no INT4 MMA, so
-INT4 saves weight bandwidth (half the bytes) and not math.
+``kernels._weights.pack_int4`` (element k in byte k // 2, low nibble for even k, two's complement),
+shape ``(Cout, ceil(K/2))`` uint8, sign-extended in registers before the same int8 dot.
 
-Epilogue (tl.constexpr flags, one store per output): ``ACC_ONLY`` writes the raw int32 accumulator
-(debug entry :func:`int8_conv2d_acc`); otherwise dequantize by ``s_a[n] * s_w[cout]`` and either add
+The GEMM core shared with ``kernels/linear_int8.py`` lives in ``kernels/_int8_gemm.py``: the
+GROUP_M swizzle, the weight tile (INT4 unpack), the epilogue and the dispatch. Epilogue
+(tl.constexpr flags, one store per output): ``ACC_ONLY`` writes the raw int32 accumulator (debug
+entry :func:`int8_conv2d_acc`); otherwise dequantize by ``s_a[n] * s_w[cout]`` and either add
 ô_{t+1} (``HAS_OHAT``: read, add, and write the new ô into ``o_hat`` in place) or the bias
 (``HAS_BIAS``). The op must return a fresh tensor (a custom op's output may not alias a mutated
 input), so in MoDiff mode the same values are stored twice: into ``o_hat`` and into the output.
@@ -46,14 +46,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _common
-from .quantize import _check_bits, pack_int4, quantize_weight, unpack_int4
+from . import _common, _int8_gemm
+from ._weights import check_bits, pack_weight, quantize_weight, unpack_weight
 
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .quantize import _store_cast
+    from ._int8_gemm import _epilogue_store, _tile_offsets, _w_dot
 else:  # pragma: no cover
     triton = None
     tl = None
@@ -67,8 +67,6 @@ __all__ = [
     "int8_conv2d_ref",
     "int8_conv2d_acc_ref",
 ]
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 # ------------------------------------------------------------------------------------------------
 # Autotune configs
@@ -91,15 +89,8 @@ _CONV_TILES = [
 
 def _prune_conv_configs(configs, named_args, **kwargs):
     """Drop tiles much larger than the problem (small Cout / Cin / M)."""
-    cout, cin = named_args["Cout"], named_args["Cin"]
     m = named_args["Nimg"] * named_args["Hout"] * named_args["Wout"]
-    keep = [
-        c for c in configs
-        if c.kwargs["BLOCK_N"] <= max(32, _common.next_pow2(cout))
-        and c.kwargs["BLOCK_K"] <= max(32, _common.next_pow2(cin))
-        and c.kwargs["BLOCK_M"] <= max(32, _common.next_pow2(m))
-    ]
-    return keep or configs[-1:]
+    return _int8_gemm.prune_tiles(configs, m, named_args["Cout"], named_args["Cin"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,17 +98,6 @@ def _prune_conv_configs(configs, named_args, **kwargs):
 # ------------------------------------------------------------------------------------------------
 
 if _common.HAS_TRITON:
-
-    @triton.jit
-    def _load_w_tile(w_ptr, offs_n, kk, k_ok, n_ok, stride_wn, W_BITS: tl.constexpr):
-        """B tile [BLOCK_K, BLOCK_N] int8 of the (Cout, K) weight at flat K indices ``kk``."""
-        mask = k_ok[:, None] & n_ok[None, :]
-        if W_BITS == 8:
-            return tl.load(w_ptr + offs_n[None, :] * stride_wn + kk[:, None], mask=mask, other=0)
-        # INT4: byte k // 2, low nibble for even k; sign-extend the nibble in registers.
-        byte = tl.load(w_ptr + offs_n[None, :] * stride_wn + (kk >> 1)[:, None], mask=mask, other=0).to(tl.int32)
-        nib = (byte >> ((kk & 1) * 4)[:, None]) & 0xF
-        return (nib - ((nib >> 3) << 4)).to(tl.int8)
 
     @triton.autotune(
         configs=_common.gemm_configs(_CONV_TILES),
@@ -159,24 +139,10 @@ if _common.HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        pid = tl.program_id(0)
         HWo = Hout * Wout
-        M = Nimg * HWo
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(Cout, BLOCK_N)
-        # Grouped ordering (matmul tutorial): GROUP_M row-tiles share weight tiles in L2.
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # Rows m = output pixels (n, oh, ow), columns = Cout; GROUP_M row tiles share weight tiles in L2.
+        offs_m, offs_n, m_ok, n_ok = _tile_offsets(Nimg * HWo, Cout, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < Cout
         img = offs_m // HWo
         rem = offs_m % HWo
         oh = rem // Wout
@@ -199,26 +165,16 @@ if _common.HAS_TRITON:
                 mask=row_ok[:, None] & k_ok[None, :],
                 other=0,
             )
-            b = _load_w_tile(w_ptr, offs_n, tap * Cin + cin, k_ok, n_ok, stride_wn, W_BITS)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # exact int32: W_int ⊗ q
+            acc = _w_dot(acc, a, w_ptr, offs_n, tap * Cin + cin, k_ok, n_ok, stride_wn, W_BITS)  # exact: W_int ⊗ q
 
+        # MoDiff eq. (7): ô_t = deQ(W_int ⊗ Q(Δ)) + ô_{t+1} (the bias already lives in ô), or + bias.
         img64 = img.to(tl.int64)
-        out_off = (img64 * stride_on + oh * stride_oh + ow * stride_ow)[:, None] + offs_n[None, :] * stride_oc
-        mask = m_ok[:, None] & n_ok[None, :]
-        if ACC_ONLY:
-            tl.store(out_ptr + out_off, acc, mask=mask)
-        else:
-            s_a = tl.load(act_scale_ptr + img * stride_sa, mask=m_ok, other=0.0)
-            s_w = tl.load(w_scale_ptr + offs_n, mask=n_ok, other=0.0)
-            o = acc.to(tl.float32) * s_a[:, None] * s_w[None, :]  # deQ(W_int ⊗ Q(Δ))
-            if HAS_OHAT:
-                # MoDiff eq. (7): ô_t = deQ(W_int ⊗ Q(Δ)) + ô_{t+1}; the bias already lives in ô.
-                h_ptrs = ohat_ptr + (img64 * stride_hn + oh * stride_hh + ow * stride_hw)[:, None] + offs_n[None, :] * stride_hc
-                o += tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(h_ptrs, _store_cast(o, ohat_ptr), mask=mask)
-            elif HAS_BIAS:
-                o += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out_ptr + out_off, _store_cast(o, out_ptr), mask=mask)
+        h_pix = img64 * stride_hn + oh * stride_hh + ow * stride_hw
+        o_pix = img64 * stride_on + oh * stride_oh + ow * stride_ow
+        _epilogue_store(acc, acc, act_scale_ptr + img * stride_sa, m_ok, offs_n, n_ok, w_scale_ptr, bias_ptr,
+                        ohat_ptr + h_pix[:, None] + offs_n[None, :] * stride_hc, 0, 0,
+                        out_ptr + o_pix[:, None] + offs_n[None, :] * stride_oc,
+                        HAS_BIAS, HAS_OHAT, False, ACC_ONLY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -232,7 +188,7 @@ def prepare_conv_weight(weight: torch.Tensor, bits: int, search: str = "mse") ->
     Args:
         weight: float conv weight ``(Cout, Cin, k, k)``.
         bits: 4 or 8.
-        search: ``"mse"`` or ``"minmax"`` (see :func:`kernels.quantize.quantize_weight`).
+        search: ``"mse"`` or ``"minmax"`` (see :func:`kernels._weights.quantize_weight`).
     Returns:
         ``{"w_q", "w_scale", "w_bits", "k_size", "cin", "cout"}``: ``w_q`` int8 ``(Cout, K)`` or
         uint8 ``(Cout, ceil(K/2))`` (INT4), ``w_scale`` fp32 ``(Cout,)``.
@@ -246,18 +202,14 @@ def prepare_conv_weight(weight: torch.Tensor, bits: int, search: str = "mse") ->
     w_int, w_scale = quantize_weight(weight, bits, search)
     cout, cin, k, _ = weight.shape
     w_mat = w_int.permute(0, 2, 3, 1).reshape(cout, k * k * cin).contiguous()  # K order (r, s, cin)
-    w_q = pack_int4(w_mat) if bits == 4 else w_mat
+    w_q = pack_weight(w_mat, bits)
     return {"w_q": w_q, "w_scale": w_scale, "w_bits": bits, "k_size": k, "cin": cin, "cout": cout}
-
-
-def _weight_int_matrix(w_q: torch.Tensor, w_bits: int, k_total: int) -> torch.Tensor:
-    return unpack_int4(w_q, k_total) if w_bits == 4 else w_q
 
 
 def dequantize_conv_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_bits: int, k_size: int, cin: int) -> torch.Tensor:
     """deQ(W) as an fp32 ``(Cout, Cin, k, k)`` conv weight (for the float first step)."""
     cout = w_q.shape[0]
-    w_int = _weight_int_matrix(w_q, w_bits, k_size * k_size * cin)
+    w_int = unpack_weight(w_q, w_bits, k_size * k_size * cin)
     w4 = w_int.reshape(cout, k_size, k_size, cin).permute(0, 3, 1, 2)
     return w4.float() * w_scale.float().reshape(cout, 1, 1, 1)
 
@@ -273,71 +225,28 @@ def _out_hw(h: int, w: int, k: int, stride: int, padding: int) -> tuple[int, int
 
 def _check_geometry(q, w_q, stride, padding, w_bits, k_size) -> tuple[int, int, int]:
     """Validate q/w_q/geometry; returns (Cout, Hout, Wout)."""
-    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
-        raise TypeError(f"fusediff: q must be an int8 tensor, got {getattr(q, 'dtype', type(q))}")
+    _int8_gemm.check_q(q)
     if q.dim() != 4:
         raise ValueError(f"fusediff: q must be (N, Cin, H, W), got {tuple(q.shape)}")
-    _check_bits("w_bits", w_bits)
+    check_bits("w_bits", w_bits)
     for name, v, lo in (("stride", stride, 1), ("padding", padding, 0), ("k_size", k_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"fusediff: {name} must be an int >= {lo}, got {v!r}")
     cin = q.shape[1]
-    k_total = k_size * k_size * cin
-    want_dtype, width = (torch.int8, k_total) if w_bits == 8 else (torch.uint8, (k_total + 1) // 2)
-    if w_q.dtype != want_dtype:
-        raise TypeError(f"fusediff: w_q must be {want_dtype} for w_bits={w_bits}, got {w_q.dtype}")
-    if w_q.dim() != 2 or w_q.shape[1] != width:
-        raise ValueError(
-            f"fusediff: w_q must be (Cout, {width}) for k_size={k_size}, Cin={cin}, w_bits={w_bits} "
-            f"(see prepare_conv_weight), got {tuple(w_q.shape)}"
-        )
+    _int8_gemm.check_w_q(w_q, w_bits, k_size * k_size * cin, "Cout", f"k_size={k_size}, Cin={cin}",
+                         " (see prepare_conv_weight)")
     hout, wout = _out_hw(q.shape[2], q.shape[3], k_size, stride, padding)
     if hout <= 0 or wout <= 0:
         raise ValueError(f"fusediff: empty output for input {tuple(q.shape[2:])}, k={k_size}, padding={padding}")
     return w_q.shape[0], hout, wout
 
 
-def _check_scales(act_scale, w_scale, n: int, cout: int) -> None:
-    for name, t in (("act_scale", act_scale), ("w_scale", w_scale)):
-        if t.dtype != torch.float32:
-            raise TypeError(f"fusediff: {name} must be float32, got {t.dtype}")
-    if act_scale.dim() != 1 or act_scale.shape[0] not in (n, 1):
-        raise ValueError(f"fusediff: act_scale must be ({n},) per sample or (1,) per tensor, got {tuple(act_scale.shape)}")
-    if tuple(w_scale.shape) != (cout,):
-        raise ValueError(f"fusediff: w_scale must be ({cout},), got {tuple(w_scale.shape)}")
-
-
-def _check_modiff(q, out_shape, bias, o_hat, a_hat, primed) -> None:
-    if bias is not None:
-        _common.check_float("bias", bias, _FLOATS)
-        if tuple(bias.shape) != (out_shape[1],):
-            raise ValueError(f"fusediff: bias must be ({out_shape[1]},), got {tuple(bias.shape)}")
-    given = [t is not None for t in (o_hat, a_hat, primed)]
-    if any(given) and not all(given):
-        raise ValueError("fusediff: MoDiff mode needs o_hat, a_hat and primed together (baseline: all None)")
-    if o_hat is None:
-        return
-    _common.check_float("o_hat", o_hat, _FLOATS)
-    _common.check_float("a_hat", a_hat, _FLOATS)
-    if tuple(o_hat.shape) != tuple(out_shape):
-        raise ValueError(
-            f"fusediff: o_hat shape {tuple(o_hat.shape)} != output shape {tuple(out_shape)}; the MoDiff cache is "
-            "never broadcast: reset the caches after a batch/shape change"
-        )
-    if tuple(a_hat.shape) != tuple(q.shape):
-        raise ValueError(
-            f"fusediff: a_hat shape {tuple(a_hat.shape)} != q shape {tuple(q.shape)}; the MoDiff cache is never "
-            "broadcast: reset the caches after a batch/shape change"
-        )
-    if not isinstance(primed, torch.Tensor) or primed.dtype != torch.bool or primed.dim() != 0:
-        raise TypeError(f"fusediff: primed must be a 0-d bool tensor, got {getattr(primed, 'dtype', type(primed))}")
-
-
 def _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size):
     cout, hout, wout = _check_geometry(q, w_q, stride, padding, w_bits, k_size)
-    _check_scales(act_scale, w_scale, q.shape[0], cout)
-    out_shape = (q.shape[0], cout, hout, wout)
-    _check_modiff(q, out_shape, bias, o_hat, a_hat, primed)
+    n = q.shape[0]
+    _int8_gemm.check_scales(act_scale, w_scale, (n, 1), f"({n},) per sample or (1,) per tensor", cout)
+    out_shape = (n, cout, hout, wout)
+    _int8_gemm.check_modiff(q, bias, o_hat, a_hat, primed, cout, out_shape, f"output shape {out_shape}")
     return out_shape
 
 
@@ -354,23 +263,15 @@ def _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, stride, padding, w_bit
     if out.numel() == 0:
         return out
     w_q = w_q.contiguous()
-    grid = lambda meta: (triton.cdiv(n * hout * wout, meta["BLOCK_M"]) * triton.cdiv(cout, meta["BLOCK_N"]),)
-    has_ohat = o_hat is not None
-    oh_arg = o_hat if has_ohat else out
-    sh = o_hat.stride() if has_ohat else (0, 0, 0, 0)
-    dummy = w_scale if w_scale is not None else out
-    _int8_conv2d_kernel[grid](
-        q, w_q,
-        act_scale if act_scale is not None else dummy,
-        w_scale if w_scale is not None else dummy,
-        bias if bias is not None else dummy,
-        oh_arg, out,
+    ptrs, flags = _int8_gemm.epilogue_args(act_scale, w_scale, bias, o_hat, out, acc_only)
+    sh = o_hat.stride() if o_hat is not None else (0, 0, 0, 0)
+    _int8_conv2d_kernel[_int8_gemm.gemm_grid(n * hout * wout, cout)](
+        q, w_q, *ptrs, o_hat if o_hat is not None else out, out,
         n, cin, h, w, cout, hout, wout,
         *q.stride(), w_q.stride(0),
         (1 if act_scale is not None and act_scale.shape[0] == n and n > 1 else 0),
         *sh, *out.stride(),
-        KH=k_size, KW=k_size, STRIDE=stride, PAD=padding, W_BITS=w_bits,
-        HAS_BIAS=bias is not None and not has_ohat, HAS_OHAT=has_ohat, ACC_ONLY=acc_only,
+        KH=k_size, KW=k_size, STRIDE=stride, PAD=padding, W_BITS=w_bits, **flags,
     )
     return out
 
@@ -419,22 +320,22 @@ def int8_conv2d(
         channels_last.
     """
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
-    if o_hat is not None and not bool(primed):
-        _common.record("int8_conv2d_first_step", "reference")
-        return _first_step(a_hat, w_q, w_scale, bias, o_hat, stride, padding, w_bits, k_size)
-    return _dispatch("int8_conv2d", out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding,
-                     w_bits, k_size)
+    tensors, launch, reference = _integer_path(out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed,
+                                               stride, padding, w_bits, k_size)
+    first_step = lambda: _first_step(a_hat, w_q, w_scale, bias, o_hat, stride, padding, w_bits, k_size)  # noqa: E731
+    return _int8_gemm.run_modiff("int8_conv2d", o_hat, primed, first_step, tensors, launch, reference)
 
 
-def _dispatch(name, out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits,
-              k_size) -> torch.Tensor:
-    """The integer path of both ops: the Triton kernel (recorded as ``name``) or the reference."""
-    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None))
-    _common.record(name, path)
-    if path == "triton":
+def _integer_path(out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size):
+    """``(tensors, launch, reference)`` of the integer path for :func:`_common.dispatch`."""
+    def launch():
         out = _new_out(out_shape, o_hat, q.device)
         return _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, stride, padding, w_bits, k_size, False)
-    return int8_conv2d_ref(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
+
+    def reference():
+        return int8_conv2d_ref(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, stride, padding, w_bits, k_size)
+
+    return (q, act_scale, w_q, w_scale, bias, o_hat), launch, reference
 
 
 @int8_conv2d.register_fake
@@ -462,8 +363,8 @@ def int8_conv2d_baseline(
     explicit inputs/outputs (``torch.cond`` branches, ONNX export). Returns fp32 channels_last.
     """
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, stride, padding, w_bits, k_size)
-    return _dispatch("int8_conv2d_baseline", out_shape, q, act_scale, w_q, w_scale, bias, None, None, None, stride,
-                     padding, w_bits, k_size)
+    return _common.dispatch("int8_conv2d_baseline", *_integer_path(
+        out_shape, q, act_scale, w_q, w_scale, bias, None, None, None, stride, padding, w_bits, k_size))
 
 
 @int8_conv2d_baseline.register_fake
@@ -479,12 +380,13 @@ def int8_conv2d_acc(q: torch.Tensor, w_q: torch.Tensor, stride: int, padding: in
     the integer result exactly.
     """
     cout, hout, wout = _check_geometry(q, w_q, stride, padding, w_bits, k_size)
-    path = _common.choose_path(q, w_q)
-    _common.record("int8_conv2d_acc", path)
-    out = torch.empty((q.shape[0], cout, hout, wout), dtype=torch.int32, device=q.device)
-    if path == "triton":
+
+    def launch():
+        out = torch.empty((q.shape[0], cout, hout, wout), dtype=torch.int32, device=q.device)
         return _launch(q, None, w_q, None, None, None, out, stride, padding, w_bits, k_size, True)
-    return int8_conv2d_acc_ref(q, w_q, stride, padding, w_bits, k_size)
+
+    return _common.dispatch("int8_conv2d_acc", (q, w_q), launch,
+                            lambda: int8_conv2d_acc_ref(q, w_q, stride, padding, w_bits, k_size))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,7 +398,7 @@ def int8_conv2d_acc_ref(q: torch.Tensor, w_q: torch.Tensor, stride: int, padding
     """Integer reference for the accumulator: float64 conv of the integer values (exact below 2^53)."""
     cout, _, _ = _check_geometry(q, w_q, stride, padding, w_bits, k_size)
     cin = q.shape[1]
-    w_int = _weight_int_matrix(w_q, w_bits, k_size * k_size * cin).reshape(cout, k_size, k_size, cin).permute(0, 3, 1, 2)
+    w_int = unpack_weight(w_q, w_bits, k_size * k_size * cin).reshape(cout, k_size, k_size, cin).permute(0, 3, 1, 2)
     acc = F.conv2d(q.double(), w_int.double(), stride=stride, padding=padding)
     return acc.round().to(torch.int32).contiguous()
 
@@ -520,13 +422,8 @@ def int8_conv2d_ref(
     if o_hat is not None and not bool(primed):
         return _first_step(a_hat, w_q, w_scale, bias, o_hat, stride, padding, w_bits, k_size)
     acc = int8_conv2d_acc_ref(q, w_q, stride, padding, w_bits, k_size)
-    s_a = act_scale.reshape(-1, 1, 1, 1)
-    o = acc.float() * s_a * w_scale.reshape(1, -1, 1, 1)
-    if o_hat is not None:
-        o = o + o_hat.float()  # eq. (7)
-        o_hat.copy_(o)
-    elif bias is not None:
-        o = o + bias.float().reshape(1, -1, 1, 1)
+    o = _int8_gemm.dequant_ref(acc, act_scale.reshape(-1, 1, 1, 1), w_scale.reshape(1, -1, 1, 1),
+                               None if bias is None else bias.reshape(1, -1, 1, 1), o_hat)
     out = _new_out(out_shape, o_hat, q.device)
     out.copy_(o)
     return out

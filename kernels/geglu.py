@@ -45,6 +45,8 @@ if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import _dot, _grouped_pid
+
 APPROXIMATE = ("none", "tanh")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -205,7 +207,7 @@ if _common.HAS_TRITON:
         HAS_BIAS: tl.constexpr,
         APPROX_TANH: tl.constexpr,
         DOT_PRECISION: tl.constexpr,  # "ieee" | "tf32" (fp32 inputs only; ignored for fp16/bf16)
-        UPCAST_DOT: tl.constexpr,  # interpreter only: its dot cannot multiply bf16 (stored as uint16)
+        INTERPRET_BF16: tl.constexpr,  # interpreter + bf16 only: its dot cannot multiply bf16 (see _common._dot)
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -213,15 +215,7 @@ if _common.HAS_TRITON:
     ):
         # Grouped program order (Triton matmul tutorial): GROUP_M row-blocks sweep the columns
         # together so their x tiles stay in L2.
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(M, BLOCK_M)
-        num_pid_n = tl.cdiv(F, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
+        pid_m, pid_n = _grouped_pid(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(F, BLOCK_N), GROUP_M)
 
         # Wrap-around row/column indices: loads stay in bounds without masks; the store is masked.
         # Wrapping columns modulo F keeps value rows in [0, F) and their gate partners in [F, 2F).
@@ -239,12 +233,8 @@ if _common.HAS_TRITON:
             a = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
             wh = tl.load(wh_ptrs, mask=k_mask[:, None], other=0.0)
             wg = tl.load(wg_ptrs, mask=k_mask[:, None], other=0.0)
-            if UPCAST_DOT:
-                a = a.to(tl.float32)
-                wh = wh.to(tl.float32)
-                wg = wg.to(tl.float32)
-            acc_h = tl.dot(a, wh, acc_h, input_precision=DOT_PRECISION)
-            acc_g = tl.dot(a, wg, acc_g, input_precision=DOT_PRECISION)
+            acc_h = _dot(a, wh, acc_h, DOT_PRECISION, INTERPRET_BF16)
+            acc_g = _dot(a, wg, acc_g, DOT_PRECISION, INTERPRET_BF16)
             x_ptrs += BLOCK_K * stride_xk
             wh_ptrs += BLOCK_K * stride_wk
             wg_ptrs += BLOCK_K * stride_wk
@@ -416,7 +406,7 @@ def _linear_geglu_launch(x: torch.Tensor, weight: torch.Tensor, bias: Optional[t
         HAS_BIAS=bias is not None,
         APPROX_TANH=approximate == "tanh",
         DOT_PRECISION=_dot_precision(x.dtype),
-        UPCAST_DOT=_common.interpret_mode(),
+        INTERPRET_BF16=_common.interpret_bf16(x.dtype),
     )  # fmt: skip
     return out
 

@@ -22,6 +22,9 @@ apart. The kernels walk a group by a flat index ``i`` in memory order (``CHANNEL
 ``i = c*S + s`` or ``i = s*CPG + c``), so loads stay coalesced in both layouts. The output keeps
 x's memory format (``torch.empty_like``).
 
+The affine/FiLM epilogue (and the pure-torch reference math) live in ``kernels/_norm.py``, shared
+with ``fusediff::group_norm_quantize``.
+
 Variants (chosen by :func:`_plan_launch` from the group size):
 * ``one_tile``: GS <= ``ONE_TILE_MAX``: one program per (n, g) holds the whole group in registers:
   exact two-pass mean/variance, then the epilogue; x is read once.
@@ -40,14 +43,16 @@ from collections import Counter
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import _common
+from ._norm import group_norm_act_ref
 
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from ._norm import _gn_affine, _gn_params
 
 log = logging.getLogger("fusediff.kernels")
 
@@ -147,18 +152,11 @@ if _common.HAS_TRITON:
                   stride_scn, stride_scc, stride_shn, stride_shc,
                   CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, APPLY_SILU: tl.constexpr):
-        """eq. (1) + affine + FiLM + SiLU on fp32 values ``x`` of channels ``g*CPG + c``."""
-        ch = g * CPG + c
-        y = (x - mean) * rstd
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(b_ptr + ch, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SCALE:  # FiLM (use_scale_shift_norm): h * (1 + scale) + shift
-            sc = tl.load(scale_ptr + n * stride_scn + ch * stride_scc, mask=mask, other=0.0)
-            y = y * (1.0 + sc.to(tl.float32))
-        if HAS_SHIFT:
-            y = y + tl.load(shift_ptr + n * stride_shn + ch * stride_shc, mask=mask, other=0.0).to(tl.float32)
+        """eq. (1) + affine + FiLM + SiLU on fp32 values ``x`` of channels ``g*CPG + c`` (per element)."""
+        w, b, sc, sh = _gn_params(g * CPG + c, n, mask, w_ptr, b_ptr, scale_ptr, shift_ptr,
+                                  stride_scn, stride_scc, stride_shn, stride_shc,
+                                  HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
+        y = _gn_affine(x, mean, rstd, w, b, sc, sh, HAS_WEIGHT, HAS_BIAS, HAS_SCALE, HAS_SHIFT)
         if APPLY_SILU:
             y = y * tl.sigmoid(y)
         return y
@@ -544,16 +542,5 @@ def group_norm_silu_ref(x: Tensor, weight: Optional[Tensor], bias: Optional[Tens
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    N, C = x.shape[0], x.shape[1]
-    bshape = (N, C) + (1,) * (x.dim() - 2)
-    y = F.group_norm(x.float(), num_groups,
-                     None if weight is None else weight.float(),
-                     None if bias is None else bias.float(), eps)
-    if scale is not None:
-        y = y * (1 + scale.float().reshape(bshape))
-    if shift is not None:
-        y = y + shift.float().reshape(bshape)
-    if apply_silu:
-        y = F.silu(y)
-    out.copy_(y)
+    out.copy_(group_norm_act_ref(x, weight, bias, scale, shift, num_groups, eps, apply_silu))
     return out

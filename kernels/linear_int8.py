@@ -21,8 +21,10 @@ first step stores ``â @ deQ(W)ᵀ + bias`` (2F) into ``o_hat`` and returns its 
 
 GEMM: M = T, N = F (or F per half), K; ``tl.dot(int8, int8) -> int32`` exact (IMMA on the GPU,
 exact int32 in the Triton 3.9 interpreter). INT4 weights: ``(F_total, ceil(K/2))`` uint8 packed by
-``kernels.quantize.pack_int4`` along K (low nibble = even k), sign-extended in registers (Hopper
+``kernels._weights.pack_int4`` along K (low nibble = even k), sign-extended in registers (Hopper
 has no INT4 MMA). ``primed`` is read on the host (keep it on the CPU to avoid a device sync).
+The GEMM core shared with ``kernels/conv_int8.py`` (GROUP_M swizzle, weight tile and INT4 unpack,
+dequant / ô / GEGLU epilogue with one store, dispatch) lives in ``kernels/_int8_gemm.py``.
 """
 from __future__ import annotations
 
@@ -32,15 +34,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _common
-from .quantize import _check_bits, pack_int4, quantize_weight, unpack_int4
+from . import _common, _int8_gemm
+from ._weights import check_bits, pack_weight, quantize_weight, unpack_weight
 
 if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from .conv_int8 import _load_w_tile
-    from .quantize import _store_cast
+    from ._int8_gemm import _epilogue_store, _tile_offsets, _w_dot
 else:  # pragma: no cover
     triton = None
     tl = None
@@ -54,8 +55,6 @@ __all__ = [
     "int8_linear_ref",
     "int8_linear_acc_ref",
 ]
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 # ------------------------------------------------------------------------------------------------
 # Autotune configs
@@ -76,14 +75,7 @@ _LINEAR_TILES = [
 
 
 def _prune_linear_configs(configs, named_args, **kwargs):
-    t, f, k = named_args["T"], named_args["F"], named_args["K"]
-    keep = [
-        c for c in configs
-        if c.kwargs["BLOCK_N"] <= max(32, _common.next_pow2(f))
-        and c.kwargs["BLOCK_K"] <= max(32, _common.next_pow2(k))
-        and c.kwargs["BLOCK_M"] <= max(16, _common.next_pow2(t))
-    ]
-    return keep or configs[-1:]
+    return _int8_gemm.prune_tiles(configs, named_args["T"], named_args["F"], named_args["K"], min_m=16)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,19 +83,6 @@ def _prune_linear_configs(configs, named_args, **kwargs):
 # ------------------------------------------------------------------------------------------------
 
 if _common.HAS_TRITON:
-
-    @triton.jit
-    def _dequant_epilogue(acc, s_a, w_scale_ptr, bias_ptr, h_ptrs, cols, n_ok, mask,
-                          HAS_BIAS: tl.constexpr, HAS_OHAT: tl.constexpr):
-        """s_a · s_w · acc, plus ô_{t+1} (then stored as ô_t) or the bias."""
-        s_w = tl.load(w_scale_ptr + cols, mask=n_ok, other=0.0)
-        o = acc.to(tl.float32) * s_a[:, None] * s_w[None, :]
-        if HAS_OHAT:
-            o += tl.load(h_ptrs, mask=mask, other=0.0).to(tl.float32)  # MoDiff eq. (7)
-            tl.store(h_ptrs, _store_cast(o, h_ptrs), mask=mask)
-        elif HAS_BIAS:
-            o += tl.load(bias_ptr + cols, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        return o
 
     @triton.autotune(
         configs=_common.gemm_configs(_LINEAR_TILES),
@@ -138,22 +117,10 @@ if _common.HAS_TRITON:
         BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        num_pid_m = tl.cdiv(T, BLOCK_M)
-        num_pid_n = tl.cdiv(F, BLOCK_N)
-        num_pid_in_group = GROUP_M * num_pid_n
-        group_id = pid // num_pid_in_group
-        first_pid_m = group_id * GROUP_M
-        group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
-        pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
-        pid_n = (pid % num_pid_in_group) // group_size_m
-
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m, offs_n, m_ok, n_ok = _tile_offsets(T, F, BLOCK_M, BLOCK_N, GROUP_M)
         offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < T
-        n_ok = offs_n < F
-        q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * stride_qt
+        rows = offs_m.to(tl.int64)[:, None]
+        q_rows = q_ptr + rows * stride_qt
 
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
         acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
@@ -161,27 +128,15 @@ if _common.HAS_TRITON:
             kk = k0 + offs_k
             k_ok = kk < K
             a = tl.load(q_rows + kk[None, :] * stride_qk, mask=m_ok[:, None] & k_ok[None, :], other=0)
-            b = _load_w_tile(w_ptr, offs_n, kk, k_ok, n_ok, stride_wn, W_BITS)
-            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-            if GEGLU:
-                b_g = _load_w_tile(w_ptr, offs_n + F, kk, k_ok, n_ok, stride_wn, W_BITS)
-                acc_g = tl.dot(a, b_g, acc_g, out_dtype=tl.int32)
+            acc = _w_dot(acc, a, w_ptr, offs_n, kk, k_ok, n_ok, stride_wn, W_BITS)
+            if GEGLU:  # the gate half: rows F + f of the weight
+                acc_g = _w_dot(acc_g, a, w_ptr, offs_n + F, kk, k_ok, n_ok, stride_wn, W_BITS)
 
-        mask = m_ok[:, None] & n_ok[None, :]
-        out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_ot + offs_n[None, :] * stride_of
-        if ACC_ONLY:
-            tl.store(out_ptrs, acc, mask=mask)
-        else:
-            s_a = tl.load(act_scale_ptr + offs_m // rows_per_scale, mask=m_ok, other=0.0)
-            h_rows = ohat_ptr + offs_m.to(tl.int64)[:, None] * stride_ht
-            o = _dequant_epilogue(acc, s_a, w_scale_ptr, bias_ptr, h_rows + offs_n[None, :] * stride_hf, offs_n, n_ok,
-                                  mask, HAS_BIAS, HAS_OHAT)
-            if GEGLU:
-                g = _dequant_epilogue(acc_g, s_a, w_scale_ptr, bias_ptr, h_rows + (offs_n + F)[None, :] * stride_hf,
-                                      offs_n + F, n_ok, mask, HAS_BIAS, HAS_OHAT)
-                # The gate acts after the cache add: ô holds the pre-gate projection.
-                o = o * (0.5 * g * (1.0 + tl.erf(g * 0.7071067811865476)))
-            tl.store(out_ptrs, _store_cast(o, out_ptr), mask=mask)
+        # MoDiff eq. (7) on the (pre-gate) projection, then the GEGLU gate; gate columns sit F further.
+        _epilogue_store(acc, acc_g, act_scale_ptr + offs_m // rows_per_scale, m_ok, offs_n, n_ok, w_scale_ptr,
+                        bias_ptr, ohat_ptr + rows * stride_ht + offs_n[None, :] * stride_hf, F, F * stride_hf,
+                        out_ptr + rows * stride_ot + offs_n[None, :] * stride_of,
+                        HAS_BIAS, HAS_OHAT, GEGLU, ACC_ONLY)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,13 +158,13 @@ def prepare_linear_weight(weight: torch.Tensor, bits: int, search: str = "mse") 
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"fusediff: weight must be (out_features, in_features), got {tuple(getattr(weight, 'shape', ()))}")
     w_int, w_scale = quantize_weight(weight, bits, search)
-    w_q = pack_int4(w_int) if bits == 4 else w_int.contiguous()
+    w_q = pack_weight(w_int, bits)
     return {"w_q": w_q, "w_scale": w_scale, "w_bits": bits, "in_features": weight.shape[1], "out_features": weight.shape[0]}
 
 
 def dequantize_linear_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_bits: int, k: int) -> torch.Tensor:
     """deQ(W) as fp32 ``(F_total, K)``."""
-    w_int = unpack_int4(w_q, k) if w_bits == 4 else w_q
+    w_int = unpack_weight(w_q, w_bits, k)
     # .to(), not .float(): this runs inside torch.cond branches, where dynamo refuses the
     # FunctionalTensor conversion-method wrappers
     return w_int.to(torch.float32) * w_scale.to(torch.float32)[:, None]
@@ -222,19 +177,14 @@ def dequantize_linear_weight(w_q: torch.Tensor, w_scale: torch.Tensor, w_bits: i
 
 def _check_gemm(q, w_q, w_bits) -> tuple[int, int]:
     """Returns (T, F_total)."""
-    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
-        raise TypeError(f"fusediff: q must be an int8 tensor, got {getattr(q, 'dtype', type(q))}")
+    _int8_gemm.check_q(q)
     if q.dim() < 2:
         raise ValueError(f"fusediff: q must be (..., K) with at least one leading dim, got {tuple(q.shape)}")
-    _check_bits("w_bits", w_bits)
+    check_bits("w_bits", w_bits)
     k = q.shape[-1]
     if k < 1:
         raise ValueError(f"fusediff: q must have K >= 1 features, got shape {tuple(q.shape)}")
-    want_dtype, width = (torch.int8, k) if w_bits == 8 else (torch.uint8, (k + 1) // 2)
-    if w_q.dtype != want_dtype:
-        raise TypeError(f"fusediff: w_q must be {want_dtype} for w_bits={w_bits}, got {w_q.dtype}")
-    if w_q.dim() != 2 or w_q.shape[1] != width:
-        raise ValueError(f"fusediff: w_q must be (F, {width}) for K={k}, w_bits={w_bits}, got {tuple(w_q.shape)}")
+    _int8_gemm.check_w_q(w_q, w_bits, k, "F", f"K={k}")
     return math.prod(q.shape[:-1]), w_q.shape[0]
 
 
@@ -244,39 +194,12 @@ def _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, ge
         raise TypeError(f"fusediff: geglu must be a bool, got {type(geglu).__name__}")
     if geglu and f_total % 2:
         raise ValueError(f"fusediff: geglu needs an even number of weight rows (2F), got {f_total}")
-    for name, s in (("act_scale", act_scale), ("w_scale", w_scale)):
-        if s.dtype != torch.float32:
-            raise TypeError(f"fusediff: {name} must be float32, got {s.dtype}")
     n = q.shape[0]
-    if act_scale.dim() != 1 or act_scale.shape[0] not in (t, n, 1):
-        raise ValueError(
-            f"fusediff: act_scale must be ({t},) per token, ({n},) per sample or (1,) per tensor, got {tuple(act_scale.shape)}"
-        )
-    if tuple(w_scale.shape) != (f_total,):
-        raise ValueError(f"fusediff: w_scale must be ({f_total},), got {tuple(w_scale.shape)}")
-    if bias is not None:
-        _common.check_float("bias", bias, _FLOATS)
-        if tuple(bias.shape) != (f_total,):
-            raise ValueError(f"fusediff: bias must be ({f_total},), got {tuple(bias.shape)}")
-    given = [x is not None for x in (o_hat, a_hat, primed)]
-    if any(given) and not all(given):
-        raise ValueError("fusediff: MoDiff mode needs o_hat, a_hat and primed together (baseline: all None)")
-    if o_hat is not None:
-        _common.check_float("o_hat", o_hat, _FLOATS)
-        _common.check_float("a_hat", a_hat, _FLOATS)
-        want = tuple(q.shape[:-1]) + (f_total,)
-        if tuple(o_hat.shape) != want:
-            raise ValueError(
-                f"fusediff: o_hat shape {tuple(o_hat.shape)} != {want} (the pre-gate projection when geglu); the "
-                "MoDiff cache is never broadcast: reset the caches after a batch/shape change"
-            )
-        if tuple(a_hat.shape) != tuple(q.shape):
-            raise ValueError(
-                f"fusediff: a_hat shape {tuple(a_hat.shape)} != q shape {tuple(q.shape)}; the MoDiff cache is never "
-                "broadcast: reset the caches after a batch/shape change"
-            )
-        if not isinstance(primed, torch.Tensor) or primed.dtype != torch.bool or primed.dim() != 0:
-            raise TypeError(f"fusediff: primed must be a 0-d bool tensor, got {getattr(primed, 'dtype', type(primed))}")
+    _int8_gemm.check_scales(act_scale, w_scale, (t, n, 1), f"({t},) per token, ({n},) per sample or (1,) per tensor",
+                            f_total)
+    want = tuple(q.shape[:-1]) + (f_total,)
+    _int8_gemm.check_modiff(q, bias, o_hat, a_hat, primed, f_total, want,
+                            f"{want} (the pre-gate projection when geglu)")
     f_out = f_total // 2 if geglu else f_total
     return tuple(q.shape[:-1]) + (f_out,)
 
@@ -294,29 +217,21 @@ def _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, w_bits, geglu, acc_onl
         return out
     q2 = q.reshape(t, k)
     out2 = out.view(t, f_out)
-    has_ohat = o_hat is not None
-    if has_ohat:
+    oh2 = out2
+    if o_hat is not None:
         try:
             oh2 = o_hat.view(t, o_hat.shape[-1])
         except RuntimeError:
             raise ValueError("fusediff: o_hat must be viewable as (T, F) (contiguous rows); it is updated in place")
-    else:
-        oh2 = out2
     w_q = w_q.contiguous()
-    dummy = out2
     rows_per_scale = t // act_scale.shape[0] if act_scale is not None else 1
-    grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]) * triton.cdiv(f_out, meta["BLOCK_N"]),)
-    _int8_linear_kernel[grid](
-        q2, w_q,
-        act_scale if act_scale is not None else dummy,
-        w_scale if w_scale is not None else dummy,
-        bias if bias is not None else dummy,
-        oh2, out2,
+    ptrs, flags = _int8_gemm.epilogue_args(act_scale, w_scale, bias, o_hat, out2, acc_only)
+    _int8_linear_kernel[_int8_gemm.gemm_grid(t, f_out)](
+        q2, w_q, *ptrs, oh2, out2,
         t, k, f_out, max(rows_per_scale, 1),
         q2.stride(0), q2.stride(1), w_q.stride(0),
         oh2.stride(0), oh2.stride(1), out2.stride(0), out2.stride(1),
-        W_BITS=w_bits, HAS_BIAS=bias is not None and not has_ohat, HAS_OHAT=has_ohat, GEGLU=geglu,
-        ACC_ONLY=acc_only,
+        W_BITS=w_bits, GEGLU=geglu, **flags,
     )
     return out
 
@@ -366,20 +281,22 @@ def int8_linear(
         A new (..., F) tensor (F = F_total / 2 with ``geglu``), o_hat's dtype or fp32.
     """
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
-    if o_hat is not None and not bool(primed):
-        _common.record("int8_linear_first_step", "reference")
-        return _first_step(a_hat, w_q, w_scale, bias, o_hat, w_bits, geglu)
-    return _dispatch("int8_linear", out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+    tensors, launch, reference = _integer_path(out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed,
+                                               w_bits, geglu)
+    first_step = lambda: _first_step(a_hat, w_q, w_scale, bias, o_hat, w_bits, geglu)  # noqa: E731
+    return _int8_gemm.run_modiff("int8_linear", o_hat, primed, first_step, tensors, launch, reference)
 
 
-def _dispatch(name, out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu) -> torch.Tensor:
-    """The integer path of both ops: the Triton kernel (recorded as ``name``) or the reference."""
-    path = _common.choose_path(*(t for t in (q, act_scale, w_q, w_scale, bias, o_hat) if t is not None))
-    _common.record(name, path)
-    if path == "triton":
+def _integer_path(out_shape, q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu):
+    """``(tensors, launch, reference)`` of the integer path for :func:`_common.dispatch`."""
+    def launch():
         out = _new_out(out_shape, o_hat, q.device)
         return _launch(q, act_scale, w_q, w_scale, bias, o_hat, out, w_bits, geglu, False)
-    return int8_linear_ref(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+
+    def reference():
+        return int8_linear_ref(q, act_scale, w_q, w_scale, bias, o_hat, a_hat, primed, w_bits, geglu)
+
+    return (q, act_scale, w_q, w_scale, bias, o_hat), launch, reference
 
 
 @int8_linear.register_fake
@@ -404,8 +321,8 @@ def int8_linear_baseline(
     when the caches are explicit inputs/outputs (``torch.cond`` branches, ONNX export). fp32 output.
     """
     out_shape = _validate(q, act_scale, w_q, w_scale, bias, None, None, None, w_bits, geglu)
-    return _dispatch("int8_linear_baseline", out_shape, q, act_scale, w_q, w_scale, bias, None, None, None, w_bits,
-                     geglu)
+    return _common.dispatch("int8_linear_baseline", *_integer_path(
+        out_shape, q, act_scale, w_q, w_scale, bias, None, None, None, w_bits, geglu))
 
 
 @int8_linear_baseline.register_fake
@@ -417,12 +334,12 @@ def _int8_linear_baseline_fake(q, act_scale, w_q, w_scale, bias, w_bits, geglu):
 def int8_linear_acc(q: torch.Tensor, w_q: torch.Tensor, w_bits: int) -> torch.Tensor:
     """Debug entry: the kernel's raw int32 accumulator ``q @ W_intᵀ`` (..., F_total), ACC_ONLY epilogue."""
     _, f_total = _check_gemm(q, w_q, w_bits)
-    path = _common.choose_path(q, w_q)
-    _common.record("int8_linear_acc", path)
-    out = torch.empty(tuple(q.shape[:-1]) + (f_total,), dtype=torch.int32, device=q.device)
-    if path == "triton":
+
+    def launch():
+        out = torch.empty(tuple(q.shape[:-1]) + (f_total,), dtype=torch.int32, device=q.device)
         return _launch(q, None, w_q, None, None, None, out, w_bits, False, True)
-    return int8_linear_acc_ref(q, w_q, w_bits)
+
+    return _common.dispatch("int8_linear_acc", (q, w_q), launch, lambda: int8_linear_acc_ref(q, w_q, w_bits))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -433,7 +350,7 @@ def int8_linear_acc(q: torch.Tensor, w_q: torch.Tensor, w_bits: int) -> torch.Te
 def int8_linear_acc_ref(q: torch.Tensor, w_q: torch.Tensor, w_bits: int) -> torch.Tensor:
     """Integer reference: float64 matmul of the integer values (exact below 2^53)."""
     _check_gemm(q, w_q, w_bits)
-    w_int = unpack_int4(w_q, q.shape[-1]) if w_bits == 4 else w_q
+    w_int = unpack_weight(w_q, w_bits, q.shape[-1])
     return (q.double() @ w_int.double().t()).round().to(torch.int32)
 
 
@@ -456,12 +373,7 @@ def int8_linear_ref(
     t = math.prod(q.shape[:-1])
     acc = int8_linear_acc_ref(q, w_q, w_bits).reshape(t, -1)
     s_a = act_scale.repeat_interleave(t // act_scale.shape[0]) if t else act_scale[:0]
-    pre = acc.float() * s_a[:, None] * w_scale[None, :]
-    if o_hat is not None:
-        pre = pre + o_hat.reshape(t, -1).float()  # eq. (7)
-        o_hat.copy_(pre.reshape(o_hat.shape))
-    elif bias is not None:
-        pre = pre + bias.float()[None, :]
+    pre = _int8_gemm.dequant_ref(acc, s_a[:, None], w_scale[None, :], None if bias is None else bias[None, :], o_hat)
     res = _geglu_ref(pre) if geglu else pre
     out = _new_out(out_shape, o_hat, q.device)
     out.copy_(res.reshape(out_shape))

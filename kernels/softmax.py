@@ -274,7 +274,7 @@ def _softmax_matmul_launch(s: Tensor, stats: Tensor, v: Tensor) -> Tensor:
         *s.stride(), *stats.stride(), *v.stride(), *out.stride(),
         Lq, Lk, D,
         DOT_PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
-        INTERPRET_BF16=v.dtype == torch.bfloat16 and v.device.type == "cpu",
+        INTERPRET_BF16=_common.interpret_bf16(v.dtype),
         BLOCK_D=max(16, _common.next_pow2(D)),
     )
     return out

@@ -60,7 +60,7 @@ if _common.HAS_TRITON:
     import triton
     import triton.language as tl
 
-    from ._common import _round_to_bf16
+    from ._common import _grouped_pid, _round_to_bf16
 else:  # pragma: no cover - only where triton is missing; the reference path still works
 
     class _NoTriton:
@@ -321,7 +321,7 @@ def _col_at_store(base, oh0, ow, HO, WO, stride_yh, stride_yw, mask, bias, t0, t
 @triton.jit
 def _gemm_tile(u_ptr, v_ptr, offs_co, offs_p, CIN, COUT, P, stride_uc, stride_uo, stride_vc,
                BLOCK_CO: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr,
-               IEEE: tl.constexpr, UPCAST: tl.constexpr, EMULATE_RTNE: tl.constexpr):
+               IEEE: tl.constexpr, INTERPRET_BF16: tl.constexpr, EMULATE_RTNE: tl.constexpr):
     # M[e] tile (BLOCK_CO, BLOCK_P) = U[e]^T (Cout, Cin) @ V[e] (Cin, P), fp32 accumulate.
     acc = tl.zeros((BLOCK_CO, BLOCK_P), dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
@@ -334,7 +334,7 @@ def _gemm_tile(u_ptr, v_ptr, offs_co, offs_p, CIN, COUT, P, stride_uc, stride_uo
         b = tl.load(v_ptr + kk[:, None] * stride_vc + offs_p[None, :],
                     mask=(kk[:, None] < CIN) & p_ok, other=0.0)  # (BLOCK_K, BLOCK_P) operand dtype
         a = _rtne(a, EMULATE_RTNE).to(b.dtype)  # U rounded to the operand dtype, as the reference
-        if UPCAST:
+        if INTERPRET_BF16:
             # Interpreter only: its bf16 dot multiplies raw bits. bf16 products are exact in fp32,
             # so this equals a bf16 MMA with fp32 accumulation.
             a = a.to(tl.float32)
@@ -402,7 +402,7 @@ def _winograd_gemm_kernel(
     stride_ve, stride_vc,
     stride_me, stride_mo,
     IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
     EMULATE_RTNE: tl.constexpr,
     BLOCK_CO: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -410,22 +410,14 @@ def _winograd_gemm_kernel(
     GROUP_CO: tl.constexpr,
 ):
     # Batched GEMM over the 36 Winograd positions: M[e] = U[e]^T V[e] (grid axis 1 = e).
-    pid = tl.program_id(0)
     e = tl.program_id(1)
     # Grouped ordering (Triton matmul tutorial) so programs sharing V[e] columns run together.
-    num_co = tl.cdiv(COUT, BLOCK_CO)
-    num_p = tl.cdiv(P, BLOCK_P)
-    width = GROUP_CO * num_p
-    group = pid // width
-    first_co = group * GROUP_CO
-    group_size = tl.minimum(num_co - first_co, GROUP_CO)
-    pid_co = first_co + (pid % width) % group_size
-    pid_p = (pid % width) // group_size
+    pid_co, pid_p = _grouped_pid(tl.program_id(0), tl.cdiv(COUT, BLOCK_CO), tl.cdiv(P, BLOCK_P), GROUP_CO)
 
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     acc = _gemm_tile(u_ptr + e * stride_ue, v_ptr + e * stride_ve, offs_co, offs_p, CIN, COUT, P,
-                     stride_uc, stride_uo, stride_vc, BLOCK_CO, BLOCK_P, BLOCK_K, IEEE, UPCAST, EMULATE_RTNE)
+                     stride_uc, stride_uo, stride_vc, BLOCK_CO, BLOCK_P, BLOCK_K, IEEE, INTERPRET_BF16, EMULATE_RTNE)
     mask = (offs_co[:, None] < COUT) & (offs_p[None, :] < P)
     tl.store(m_ptr + e * stride_me + offs_co[:, None] * stride_mo + offs_p[None, :], acc, mask=mask)
 
@@ -494,7 +486,7 @@ def _winograd_gemm_output_kernel(
     stride_yn, stride_yc, stride_yh, stride_yw,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
-    UPCAST: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
     EMULATE_RTNE_U: tl.constexpr,
     EMULATE_RTNE_Y: tl.constexpr,
     BLOCK_CO: tl.constexpr,
@@ -523,7 +515,7 @@ def _winograd_gemm_output_kernel(
         for b in tl.static_range(6):
             m = _gemm_tile(u_ptr + (6 * a + b) * stride_ue, v_ptr + (6 * a + b) * stride_ve, offs_co, offs_p,
                            CIN, COUT, P, stride_uc, stride_uo, stride_vc, BLOCK_CO, BLOCK_P, BLOCK_K,
-                           IEEE, UPCAST, EMULATE_RTNE_U)
+                           IEEE, INTERPRET_BF16, EMULATE_RTNE_U)
             t0, t1, t2, t3 = _at_accum(t0, t1, t2, t3, m, b)
         y00, y10, y20, y30 = _at_accum(y00, y10, y20, y30, t0, a)
         y01, y11, y21, y31 = _at_accum(y01, y11, y21, y31, t1, a)
@@ -599,7 +591,7 @@ def _flags(x_dtype: torch.dtype) -> dict:
     return {
         "op_dtype": op_dtype,
         "IEEE": op_dtype == torch.float32 or (interp and op_dtype == torch.bfloat16),
-        "UPCAST": interp and op_dtype == torch.bfloat16,
+        "INTERPRET_BF16": _common.interpret_bf16(op_dtype),
         "RTNE_OP": interp and op_dtype == torch.bfloat16,
         "RTNE_Y": interp and x_dtype == torch.bfloat16,
     }
@@ -636,7 +628,7 @@ def _launch(x: Tensor, u: Tensor, bias: Optional[Tensor], padding: int, fused: O
             u.stride(0), u.stride(1), u.stride(2),
             v.stride(0), v.stride(1),
             y.stride(0), y.stride(1), y.stride(2), y.stride(3),
-            HAS_BIAS=has_bias, IEEE=f["IEEE"], UPCAST=f["UPCAST"],
+            HAS_BIAS=has_bias, IEEE=f["IEEE"], INTERPRET_BF16=f["INTERPRET_BF16"],
             EMULATE_RTNE_U=f["RTNE_OP"], EMULATE_RTNE_Y=f["RTNE_Y"],
         )
         return y
@@ -647,7 +639,7 @@ def _launch(x: Tensor, u: Tensor, bias: Optional[Tensor], padding: int, fused: O
         u.stride(0), u.stride(1), u.stride(2),
         v.stride(0), v.stride(1),
         m.stride(0), m.stride(1),
-        IEEE=f["IEEE"], UPCAST=f["UPCAST"], EMULATE_RTNE=f["RTNE_OP"],
+        IEEE=f["IEEE"], INTERPRET_BF16=f["INTERPRET_BF16"], EMULATE_RTNE=f["RTNE_OP"],
     )
     grid_out = lambda meta: (triton.cdiv(p, meta["BLOCK_P"]), triton.cdiv(cout, meta["BLOCK_C"]))  # noqa: E731
     _winograd_output_kernel[grid_out](
