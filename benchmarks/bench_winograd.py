@@ -9,7 +9,7 @@ benchmarks.shapes.CONV3X3 (padding 1) at batch 1/2/8/32.
 TFLOP/s counts direct-conv flops for every provider (2 N Cout Cin 9 H W), so Winograd's 4x fewer
 multiplications show up as a higher effective rate; % is of measured_matmul_tflops(dtype).
 A second table (bench_winograd_error) holds max|err| / max|y| of Winograd and of direct conv
-against a float64 direct conv, plus what winograd_pays decided.
+against a float64 direct conv, plus what winograd_pays (fxpasses/costs/winograd.py) decided.
 
     python benchmarks/bench_winograd.py --out docs/benchmarks [--dtypes bf16,fp16] [--batches 1,2,8,32]
 """
@@ -34,6 +34,7 @@ from benchmarks.common import (  # noqa: E402
     write_results,
 )
 from benchmarks.shapes import BATCHES, CONV3X3  # noqa: E402
+from fusediff.fxpasses.costs.winograd import winograd_error_report, winograd_pays  # noqa: E402
 from fusediff.kernels import winograd  # noqa: E402
 
 OP = "winograd_conv2d"
@@ -70,7 +71,7 @@ def run(
                     x = torch.randn(n, cin, h, w, device="cuda", dtype=dtype)
                     shape = f"{name}_b{n}"
                     flops = 2.0 * n * cout * cin * 9 * h * w
-                    pays, why = winograd.winograd_pays(tuple(x.shape), tuple(weight.shape), "cuda", dtype=dtype)
+                    pays, why = winograd_pays(tuple(x.shape), tuple(weight.shape), "cuda", dtype=dtype)
                     fns = {
                         "eager": lambda: F.conv2d(x, wl, bl, padding=1),
                         "fusediff": lambda: torch.ops.fusediff.winograd_conv2d(x, u, bl, 1),
@@ -90,7 +91,7 @@ def run(
                                         extra={"pays": pays, "why": why}))
                         print(f"{dname} {shape:28s} {prov:17s} {ms:8.4f} ms {tflops:7.1f} TFLOP/s", flush=True)
                     if n == batches[0]:  # error barely depends on batch; measure once per shape
-                        rep = winograd.winograd_error_report(x, wl, bl, 1)
+                        rep = winograd_error_report(x, wl, bl, 1)
                         for prov, key in (("fusediff", "winograd"), ("eager", "direct")):
                             err_rows.append(Row("winograd_error", shape, dname, prov, nan, nan, nan,
                                                 "max_abs_err/max|y|", rep[f"{key}_rel"], nan, extra=rep))

@@ -29,7 +29,7 @@ from .fxpasses.modiff import (QuantConfig, allocate, cache_bytes, calibrate, fus
                               preserve_state, quant_report, quantize, reset, trajectory)
 from .fxpasses.report import Report, build_report
 from .fxpasses.sites import Site
-from .fxpasses.visualize import visualize
+from .fxpasses.viz import visualize
 from .lowering.backend import backend
 from .lowering.onnx_export import StatefulSession, export_onnx, run_onnx
 from .lowering.transform import OptimizeConfig, OptimizedModule, optimize

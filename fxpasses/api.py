@@ -72,7 +72,7 @@ def inspect_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     report = build_report(gm, res.sites, model=model, title=title)
     files: dict[str, str] = {}
     if out_dir is not None:
-        from .visualize import visualize
+        from .viz import visualize
 
         files = visualize(gm, res.sites, out_dir, report=report, title=title)
     if rewrite:

@@ -23,7 +23,7 @@ class RewriteConfig:
             standalone GEGLU kernel is usually faster for small token counts.
         attention_impl: ``"flash"`` (FlashAttention-style kernel; sites it cannot take fall back to
             the partially fused softmax) or ``"partial_softmax"`` (paper §3.2.1, the ablation row).
-        winograd: ``"auto"`` (3x3 convs where kernels.winograd.winograd_pays says it pays; never
+        winograd: ``"auto"`` (3x3 convs where fxpasses.costs.winograd.winograd_pays says it pays; never
             on CPU), ``"off"``, or ``"force"`` (every eligible 3x3 conv: tests, ablations).
         dtypes: input dtypes a site may have to be rewritten.
         exclude: module-path prefixes never rewritten (e.g. ``("conv_in", "time_embedding")``).

@@ -29,7 +29,7 @@ from typing import Any, Sequence
 import torch.fx as fx
 from tabulate import tabulate
 
-from . import costs
+from .costs import OP_CLASSES, TRAFFIC_COLUMNS, flops_by_class, graph_params, is_compute, target_name, traffic
 from .sites import PATTERNS, Site
 
 log = logging.getLogger("fusediff.fxpasses")
@@ -148,21 +148,21 @@ class Report:
         return headers, rows
 
     def cost_rows(self) -> tuple[list[str], list[list[Any]]]:
-        headers = ["Architecture", "Mparams", "GFLOPs"] + [f"{c} GFLOPs" for c in costs.OP_CLASSES]
+        headers = ["Architecture", "Mparams", "GFLOPs"] + [f"{c} GFLOPs" for c in OP_CLASSES]
         total = self.total_flops
         row = [self.title or "model", round(self.mparams, 3), round(self.gflops, 3)]
-        row += [round(self.flops.get(c, 0) / GFLOP, 3) for c in costs.OP_CLASSES]
+        row += [round(self.flops.get(c, 0) / GFLOP, 3) for c in OP_CLASSES]
         share = ["share", "", "100%" if total else "-"]
-        share += [f"{100 * self.flops.get(c, 0) / total:.1f}%" if total else "-" for c in costs.OP_CLASSES]
+        share += [f"{100 * self.flops.get(c, 0) / total:.1f}%" if total else "-" for c in OP_CLASSES]
         return headers, [row, share]
 
     def traffic_rows(self) -> tuple[list[str], list[list[Any]]]:
-        headers = ["Mode"] + [_TRAFFIC_HEADERS[c] for c in costs.TRAFFIC_COLUMNS] + ["Total MB", "Ratio"]
+        headers = ["Mode"] + [_TRAFFIC_HEADERS[c] for c in TRAFFIC_COLUMNS] + ["Total MB", "Ratio"]
         unf, fus = self.traffic["unfused"], self.traffic["fused"]
         rows = []
         for name, d in (("unfused", unf), ("fused", fus)):
             ratio = d["total"] / unf["total"] if unf["total"] else 1.0
-            rows.append([name] + [round(d[c] / MB, 3) for c in costs.TRAFFIC_COLUMNS]
+            rows.append([name] + [round(d[c] / MB, 3) for c in TRAFFIC_COLUMNS]
                         + [round(d["total"] / MB, 3), f"{100 * ratio:.1f}%"])
         return headers, rows
 
@@ -256,17 +256,17 @@ def build_report(gm: fx.GraphModule, sites: Sequence[Site], *, model: Any = None
     fused_ops: dict[str, int] = {}
     for n in gm.graph.nodes:
         n_nodes += 1
-        if costs.is_compute(n):
+        if is_compute(n):
             n_compute += 1
-            name = costs.target_name(n)
+            name = target_name(n)
             if name.startswith("fusediff::"):
                 fused_ops[name] = fused_ops.get(name, 0) + 1
     report = Report(
         title=title,
         sites=sites,
-        params=costs.graph_params(gm, model),
-        flops=costs.flops_by_class(gm),
-        traffic=costs.traffic(gm, sites),
+        params=graph_params(gm, model),
+        flops=flops_by_class(gm),
+        traffic=traffic(gm, sites),
         n_nodes=n_nodes,
         n_compute=n_compute,
         fused_ops=fused_ops,

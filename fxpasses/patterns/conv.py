@@ -6,7 +6,7 @@
 the ``optimize()``/export path) and stored as a buffer of the GraphModule; when the weight is a
 graph input (dynamo's backend graph) a ``winograd_weight_transform`` node computes it per call.
 A Winograd site snapshots its weight in the first case: re-run ``optimize()`` after swapping
-weights. ``RewriteConfig.winograd``: ``"auto"`` (kernels.winograd.winograd_pays decides; never
+weights. ``RewriteConfig.winograd``: ``"auto"`` (fxpasses.costs.winograd.winograd_pays decides; never
 on CPU), ``"off"``, ``"force"`` (every eligible 3x3 conv; for tests and ablations).
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ def _ints(v, n=2):
 
 
 def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
-    from ...kernels import winograd as kw
+    from ..costs.winograd import winograd_pays
 
     sites: list[Site] = []
     if cfg.winograd == "off":
@@ -54,8 +54,8 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
         elif cfg.excluded(site.module_path):
             why = "module excluded by config"
         elif cfg.winograd == "auto":
-            ok, r = kw.winograd_pays(tuple(xm.shape), tuple(wm.shape), xm.device.type, stride=stride,
-                                     padding=pad, dilation=dil, groups=c.arg("groups"), dtype=xm.dtype)
+            ok, r = winograd_pays(tuple(xm.shape), tuple(wm.shape), xm.device.type, stride=stride,
+                                  padding=pad, dilation=dil, groups=c.arg("groups"), dtype=xm.dtype)
             if not ok:
                 why = r
         if why is not None:

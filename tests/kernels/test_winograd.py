@@ -9,12 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fusediff.fxpasses.costs.winograd import _modelled_times, winograd_error_report, winograd_pays
 from fusediff.kernels import _common, winograd
 from fusediff.kernels.winograd import (
     winograd_conv2d,
     winograd_conv2d_ref,
-    winograd_error_report,
-    winograd_pays,
     winograd_weight_transform,
 )
 from tests.tolerances import TOL, TOL_WINOGRAD
@@ -226,8 +225,8 @@ def test_winograd_pays_rules():
 def test_pays_model_prefers_fused():
     # Folding the output transform into the GEMM only removes traffic: never modelled slower.
     for n, c, hw in [(1, 320, 64), (8, 640, 32), (32, 192, 32)]:
-        td, t3 = winograd._modelled_times(n, c, c, hw, hw, 1, fused=False)
-        _, tf = winograd._modelled_times(n, c, c, hw, hw, 1, fused=True)
+        td, t3 = _modelled_times(n, c, c, hw, hw, 1, fused=False)
+        _, tf = _modelled_times(n, c, c, hw, hw, 1, fused=True)
         assert tf <= t3 and td > 0
 
 

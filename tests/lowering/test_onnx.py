@@ -335,7 +335,7 @@ def test_zoo_unet_exports_and_matches(zoo_exports, name, opset):
 
 
 def test_onnx_graph_draws_with_the_fx_visualizer(zoo_exports):
-    from fusediff.fxpasses import visualize as viz
+    from fusediff.fxpasses import viz
 
     path = zoo_exports / "ddpm_23.onnx"
     if not path.exists():

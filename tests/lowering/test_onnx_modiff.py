@@ -346,7 +346,7 @@ def test_baseline_models_export(tmp_path):
 
 
 def test_stateful_graph_draws_with_the_fx_visualizer(tmp_path):
-    from fusediff.fxpasses import visualize as viz
+    from fusediff.fxpasses import viz
 
     _, q, args, kwargs = _quantized(md.QuantConfig(mode="modiff"))
     path = ox.export_onnx(q, args, tmp_path / "tiny.onnx", example_kwargs=kwargs)

@@ -1,0 +1,142 @@
+"""One self-contained HTML page per view: the SVG inline, a legend, zoom buttons and the tables."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from typing import Any
+
+import networkx as nx
+
+from ..sites import PATTERNS
+from .blocks import TOP_LEVEL
+from .style import PLAIN_COLORS, REJECTED_COLORS, _e, family_colors
+from .svg import _svg_text
+
+log = logging.getLogger("fusediff.fxpasses")
+
+
+_SVG_STRIP = [
+    (re.compile(r"<\?xml[^>]*\?>\s*"), ""),
+    (re.compile(r"<!DOCTYPE[^>]*>\s*", re.S), ""),
+    (re.compile(r"<!--.*?-->\s*", re.S), ""),
+    (re.compile(r'\s+xmlns(:\w+)?="[^"]*"'), ""),
+]
+
+
+def _inline_svg(svg: str) -> str:
+    """SVG text fit for inlining into HTML5: no XML prolog, doctype, comments or namespace URLs
+    (the HTML parser puts ``<svg>`` in the SVG namespace by itself)."""
+    for rx, rep in _SVG_STRIP:
+        svg = rx.sub(rep, svg)
+    return svg.strip()
+
+
+_CSS = """
+body{font-family:Helvetica,Arial,sans-serif;margin:16px;color:#222}
+h1{font-size:20px;margin:0 0 6px} h2{font-size:16px;margin:18px 0 6px}
+.summary{color:#555;margin-bottom:8px}
+.legend span.sw{display:inline-block;width:14px;height:12px;border:1px solid #888;border-radius:3px;
+ vertical-align:middle;margin:0 4px 0 12px}
+.graph{border:1px solid #ddd;overflow:auto;max-height:80vh;background:#fff}
+.graph svg{display:block}
+.tools button{margin-right:4px}
+table{border-collapse:collapse;font-size:12px;margin-bottom:8px}
+th,td{border:1px solid #ddd;padding:3px 6px;text-align:left} th{background:#f3f3f3}
+tr.rejected td{color:#777}
+"""
+
+_JS = """
+(function(){
+  var box=document.getElementById('graph'); var svg=box.querySelector('svg'); if(!svg) return;
+  var w0=svg.getAttribute('width'), h0=svg.getAttribute('height');
+  var W=parseFloat(w0)||svg.getBBox().width, H=parseFloat(h0)||svg.getBBox().height, s=1;
+  function apply(){svg.setAttribute('width', W*s); svg.setAttribute('height', H*s);}
+  document.getElementById('zin').onclick=function(){s*=1.25;apply();};
+  document.getElementById('zout').onclick=function(){s/=1.25;apply();};
+  document.getElementById('zfit').onclick=function(){s=Math.min(1,(box.clientWidth-4)/W);apply();};
+  var f=document.getElementById('filter');
+  if(f){f.oninput=function(){var q=f.value.toLowerCase();
+    document.querySelectorAll('#sites tbody tr').forEach(function(r){
+      r.style.display=r.textContent.toLowerCase().indexOf(q)>=0?'':'none';});};}
+})();
+"""
+
+
+def _legend(g: nx.DiGraph) -> str:
+    fams = set()
+    for _, a in g.nodes(data=True):
+        if a.get("family") and a.get("matched"):
+            fams.add(a["family"])
+        fams.update(a.get("families", []))
+    fams.update(PATTERNS.values())
+    items = []
+    for f in sorted(fams):
+        fill, border = family_colors(f)
+        items.append(f'<span class="sw" style="background:{fill};border-color:{border}"></span>{_e(f)} (matched)')
+    items.append(f'<span class="sw" style="background:{REJECTED_COLORS[0]};border:1px dashed {REJECTED_COLORS[1]}">'
+                 '</span>rejected site')
+    items.append(f'<span class="sw" style="background:{PLAIN_COLORS[0]}"></span>not in a site')
+    items.append('<span class="sw" style="background:#fff;border:2px solid #444"></span>fusediff op (bold border)')
+    return '<div class="legend">Legend:' + "".join(items) + "</div>"
+
+
+def _sites_html(g: nx.DiGraph, report: Any) -> str:
+    if report is not None:
+        headers, rows = report.sites_rows()
+    else:
+        headers = ["#", "module", "pattern", "shapes", "dtype", "status"]
+        rows = [[s["index"], s["module"] or TOP_LEVEL, s["pattern"], s["shapes"], s["dtype"], s["status"]]
+                for s in g.graph.get("sites", [])]
+    if not rows:
+        return "<p>(no sites)</p>"
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = []
+    for r in rows:
+        cls = ' class="rejected"' if str(r[-1]).startswith("rejected") else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>")
+    return (f'<p>Filter: <input id="filter" type="text" size="30" placeholder="module, pattern, reason"></p>'
+            f'<table id="sites"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>')
+
+
+def write_html(g: nx.DiGraph, path: str | os.PathLike, report: Any = None, *, renderer: str = "auto",
+               svg: str | None = None) -> str:
+    """One self-contained HTML file: the SVG inline, a legend, the site table (and the report's
+    pattern, cost and traffic tables when ``report`` is given). No external URLs.
+
+    Args:
+        svg: SVG text of ``g`` already rendered (e.g. read back from :func:`write_svg`'s file);
+            rendered with ``renderer`` when None.
+
+    Returns the renderer that drew the SVG (``"graphviz"`` or ``"builtin"``).
+    """
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if svg is None:
+        svg, used = _svg_text(g, renderer)
+    else:
+        used = "graphviz" if "Generated by graphviz" in svg[:2000] else "builtin"
+    svg = _inline_svg(svg)
+    blocks = g.graph.get("view") == "blocks"
+    title = g.graph.get("title") or ("fusediff block view" if blocks else "fusediff graph")
+    sites = g.graph.get("sites", [])
+    matched = sum(1 for s in sites if s["matched"])
+    summary = (f"{g.number_of_nodes()} {'blocks' if blocks else 'nodes'}, {g.number_of_edges()} edges; "
+               f"{len(sites)} sites ({matched} matched, {len(sites) - matched} rejected); rendered with {used}")
+    parts = [f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{_e(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{_e(title)}</h1>",
+             f'<div class="summary">{_e(summary)}</div>', _legend(g),
+             '<p class="tools"><button id="zin">zoom +</button><button id="zout">zoom −</button>'
+             '<button id="zfit">fit width</button> (hover a box for details)</p>',
+             f'<div class="graph" id="graph">{svg}</div>']
+    if report is not None:
+        parts.append("<h2>Patterns</h2>" + report.counts_table("html"))
+        parts.append("<h2>Cost per evaluation</h2>" + report.cost_table("html"))
+        parts.append("<h2>DRAM traffic per evaluation (estimate, MB)</h2>" + report.traffic_table("html"))
+    parts.append("<h2>Sites</h2>" + _sites_html(g, report))
+    parts.append(f"<script>{_JS}</script></body></html>\n")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(parts))
+    log.info("visualize: wrote %s", path)
+    return used
+
