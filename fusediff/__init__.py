@@ -31,7 +31,7 @@ from .fxpasses.report import Report, build_report
 from .fxpasses.sites import Site
 from .fxpasses.viz import visualize
 from .lowering.backend import backend
-from .lowering.onnx_export import StatefulSession, export_onnx, run_onnx
+from .lowering.onnx import StatefulSession, export_onnx, run_onnx
 from .lowering.transform import OptimizeConfig, OptimizedModule, optimize
 
 __version__ = "0.1.0"

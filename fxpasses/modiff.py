@@ -1159,7 +1159,7 @@ class ExplicitStateModel(nn.Module):
     trajectory (â = a, ô = deQ(W) * a + b). ``first=False``: ``forward(args, kwargs, caches) ->
     (output, new_caches)``, an integer step (eq. 6-7). ``caches`` are tuples ordered like
     ``slots``; the wrapped model's buffers are never written. The ONNX export captures both and
-    joins them under one ``If`` on a ``first_step`` input (``lowering.onnx_export``), so the caches
+    joins them under one ``If`` on a ``first_step`` input (``lowering.onnx.stateful``), so the caches
     become graph inputs/outputs the way LLM exports carry their KV cache. (A ``torch.cond`` per
     layer or around the model would do the same in one capture, but tracing a cond costs ~0.2 s
     per layer and trace phase, and a cond branch may not switch the layers' mode.)

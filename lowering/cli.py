@@ -17,13 +17,13 @@ import sys
 def _cmd_inspect(a: argparse.Namespace) -> int:
     import torch
 
-    import fusediff
+    from ..fxpasses.api import inspect_model
     from .models import resolve
 
     model, args, kwargs = resolve(a.model)
     model.eval()
-    insp = fusediff.inspect(model, args, kwargs, capture=a.capture, rewrite=not a.no_rewrite,
-                            out_dir=a.out, title=a.model)
+    insp = inspect_model(model, args, kwargs, capture=a.capture, rewrite=not a.no_rewrite,
+                         out_dir=a.out, title=a.model)
     if a.format == "json":
         print(json.dumps(insp.report.to_dict(), indent=1, default=str))
     else:
@@ -44,9 +44,9 @@ def _cmd_inspect(a: argparse.Namespace) -> int:
 
 
 def _cmd_zoo(a: argparse.Namespace) -> int:
-    from fusediff import zoo
+    from ..zoo import ZOO
 
-    for name, e in zoo.ZOO.items():
+    for name, e in ZOO.items():
         print(f"{name:20s} {e.description}")
     return 0
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     i.set_defaults(fn=_cmd_inspect)
     z = sub.add_parser("zoo", help="list the fixture U-Nets")
     z.set_defaults(fn=_cmd_zoo)
-    from .onnx_export import add_cli
+    from .onnx.cli import add_cli
 
     add_cli(sub)
     a = p.parse_args(argv)

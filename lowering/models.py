@@ -13,13 +13,13 @@ import torch
 
 def resolve(spec: str) -> tuple[torch.nn.Module, tuple, dict[str, Any]]:
     if spec.startswith("zoo:"):
-        from fusediff import zoo
+        from ..zoo import build
 
-        return zoo.build(spec[4:])
+        return build(spec[4:])
     if spec == "digits":
-        from fusediff import digits
+        from ..digits import load_digits_unet
 
-        unet = digits.load_digits_unet()
+        unet = load_digits_unet()
         x = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
         return unet, (x, torch.tensor([500, 500])), {}
     if ":" in spec:

@@ -1,4 +1,4 @@
-"""ONNX export (lowering/onnx_export.py): fusediff ops -> standard ONNX, run with onnxruntime (CPU).
+"""ONNX export (lowering/onnx/): fusediff ops -> standard ONNX, run with onnxruntime (CPU).
 
 Tolerances: exported float models vs PyTorch eager use ``MODEL_TOL`` (fp32; measured errors are
 ~1e-6). The per-op module below is compared with the same table.
@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 
 import fusediff  # noqa: E402,F401
 from fusediff.kernels.winograd import winograd_weight_transform  # noqa: E402
-from fusediff.lowering import onnx_export as ox  # noqa: E402
+from fusediff.lowering import onnx as ox  # noqa: E402
 from tests.tolerances import MODEL_TOL, TOL, TRAJECTORY_TOL  # noqa: E402
 
 FD = torch.ops.fusediff
@@ -408,7 +408,7 @@ def test_cli_export_digits_and_latency(tmp_path, capsys):
 def test_digits_ddim_trajectory_through_onnxruntime(tmp_path):
     """The shipped model's whole DDIM run (float, rewritten) through onnxruntime matches PyTorch."""
     from fusediff import digits
-    from fusediff.lowering.onnx_export import export_onnx, make_session, run_onnx
+    from fusediff.lowering.onnx import export_onnx, make_session, run_onnx
 
     unet = digits.load_digits_unet()
     x = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 from fusediff.fxpasses import modiff as md  # noqa: E402
 from fusediff.kernels import conv_int8 as CV  # noqa: E402
 from fusediff.kernels import linear_int8 as LN  # noqa: E402
-from fusediff.lowering import onnx_export as ox  # noqa: E402
+from fusediff.lowering import onnx as ox  # noqa: E402
 from tests.tolerances import (MODEL_TOL, ONNX_QUANT_STEP_SQNR_DB, QUANT_TRAJECTORY_ERR_FLOOR,  # noqa: E402
                               QUANT_TRAJECTORY_ERR_RATIO, TOL_LONG_REDUCTION, assert_close, sqnr_db)
 
