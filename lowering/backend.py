@@ -14,10 +14,10 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from ..fxpasses import modiff_graph
 from ..fxpasses.config import RewriteConfig
 from ..fxpasses.match import PassResult
 from ..fxpasses.modiff import QuantConfig, QuantReport
+from ..fxpasses.modiff import graph as quant_graph
 from .transform import OptimizeConfig, rewrite_graph
 from .verify import VerifyFailure
 
@@ -57,7 +57,7 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
         strict_grad: raise a clear error when compiled with grad enabled; when False, fall back
             to ``inner`` on the original graph instead.
         quant: MoDiff/baseline low-bit quantization of the graph's conv2d/linear calls
-            (:mod:`fxpasses.modiff_graph`; also ``OptimizeConfig.quant``). The caches live in the
+            (:mod:`fxpasses.modiff.graph`; also ``OptimizeConfig.quant``). The caches live in the
             compiled graph; ``fusediff.reset(model)`` / ``with fusediff.trajectory(model):`` reach
             them. Weights are quantized at compile time; a graph with symbolic shapes is compiled
             again per concrete shape (MoDiff caches have one shape).
@@ -111,11 +111,11 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
                 if fake:
                     raise FusediffBackendError("fusediff: backend(quant=...) needs the real weights among the "
                                                "example inputs; this graph came with fake tensors")
-                if modiff_graph.is_symbolic(gm, list(example_inputs)):
+                if quant_graph.is_symbolic(gm, list(example_inputs)):
                     return _PerShape(gm, example_inputs, _backend, quant)
-                LAST_QUANT_REPORTS.append(modiff_graph.quantize_graph(gm, list(example_inputs), quant))
+                LAST_QUANT_REPORTS.append(quant_graph.quantize_graph(gm, list(example_inputs), quant))
                 del LAST_QUANT_REPORTS[:-_MAX_KEEP]
-                return modiff_graph.guard_trajectory(compile_inner(gm, example_inputs), gm, list(example_inputs), quant)
+                return quant_graph.guard_trajectory(compile_inner(gm, example_inputs), gm, list(example_inputs), quant)
         return compile_inner(gm, example_inputs)
 
     def compile_inner(gm: fx.GraphModule, example_inputs: list[Any]) -> Callable:
@@ -138,7 +138,7 @@ class _PerShape:
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], backend: Callable, quant: QuantConfig) -> None:
         self.gm, self.backend, self.quant = gm, backend, quant
         self.user = [i for i, x in enumerate(example_inputs) if not isinstance(x, torch.nn.Parameter)]
-        self.scalars = modiff_graph.scalar_inputs(gm)  # baked into each copy: their values join the key
+        self.scalars = quant_graph.scalar_inputs(gm)  # baked into each copy: their values join the key
         self.graphs: dict[tuple, Callable] = {}
         self.own: dict[tuple, set[int]] = {}  # per copy: its graphs' trajectory states
 
@@ -146,15 +146,15 @@ class _PerShape:
         key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in (args[i] for i in self.user))
         key += tuple(args[i].item() for i in self.scalars)
         # here, not inside the nested compiled graph (an exception there unwinds through dynamo's frames)
-        modiff_graph.check_trajectory(list(args), self.quant, self.own.get(key, set()))
+        quant_graph.check_trajectory(list(args), self.quant, self.own.get(key, set()))
         fn = self.graphs.get(key)
         if fn is None:
             log.info("fusediff quant backend: compiling a static copy of a symbolic-shape graph for %s", key)
-            fn = self.graphs[key] = torch.compile(modiff_graph.specialize(self.gm, list(args)), backend=self.backend,
+            fn = self.graphs[key] = torch.compile(quant_graph.specialize(self.gm, list(args)), backend=self.backend,
                                                   dynamic=False, fullgraph=True)
-        before = modiff_graph.graph_states(list(args))
+        before = quant_graph.graph_states(list(args))
         out = fn(*args)
-        self.own[key] = self.own.get(key, set()) | (modiff_graph.graph_states(list(args)) - before)
+        self.own[key] = self.own.get(key, set()) | (quant_graph.graph_states(list(args)) - before)
         return out
 
 

@@ -80,7 +80,7 @@ def rewrite_graph(gm: fx.GraphModule, config: "OptimizeConfig", device: torch.de
     res.sites = find_sites(gm, config.rewrite)
     Selector(config.selection).apply(res.sites, device)
     apply_rewrites(gm, res)
-    from ..fxpasses.modiff import fuse_group_norm_quantize
+    from ..fxpasses.patterns.gn_quant import fuse_group_norm_quantize
 
     fuse_group_norm_quantize(gm)  # MoDiff graphs only: GroupNorm(+SiLU) -> quantizer in one op (Fig. 1)
     failures: list[VerifyFailure] = []
@@ -175,10 +175,10 @@ class OptimizedModule(torch.nn.Module):
         was_training = model.training
         model.eval()
         try:
-            from ..fxpasses import modiff as _modiff
+            from ..fxpasses.modiff import preserve_state
 
             # output structure (and dtype) to give back; MoDiff caches are restored afterwards
-            with torch.no_grad(), _modiff.preserve_state(model):
+            with torch.no_grad(), preserve_state(model):
                 template = model(*args, **kwargs)
             gm = capture_export(model, args, kwargs)
         finally:

@@ -1,5 +1,5 @@
 """Pictures of an exported ONNX model: :func:`onnx_to_networkx` turns the ONNX graph (one branch of
-a MoDiff ``If``) into the networkx graph that :mod:`fxpasses.visualize` draws, with the nodes a
+a MoDiff ``If``) into the networkx graph that :mod:`fxpasses.viz` draws, with the nodes a
 ``fusediff::`` op was translated into grouped as sites (from torch.onnx's node metadata), and
 :func:`visualize_onnx` writes its DOT/SVG/HTML pictures.
 """
@@ -116,12 +116,12 @@ def _branch_view(model, branch: str):
 
 
 def onnx_to_networkx(model, *, title: str = "", initializers: bool = False, branch: str = "step"):
-    """An exported ONNX model as the networkx graph :mod:`fxpasses.visualize` draws.
+    """An exported ONNX model as the networkx graph :mod:`fxpasses.viz` draws.
 
     One node per ONNX node (plus graph inputs and outputs), edges along tensors. Node attributes
-    follow :func:`fxpasses.visualize.to_networkx`: ``op`` (``placeholder``/``call_function``/
+    follow :func:`fxpasses.viz.to_networkx`: ``op`` (``placeholder``/``call_function``/
     ``output``), ``target`` (``onnx::<OpType>``), ``module`` and ``stack`` (from torch.onnx's
-    scope metadata, so :func:`fxpasses.visualize.collapse` gives the block view), ``shape``,
+    scope metadata, so :func:`fxpasses.viz.collapse` gives the block view), ``shape``,
     ``dtype``, ``flops`` (0: not modelled), ``op_class``, ``order``, ``view_op``, ``name``,
     and ``fused``/``family``/``matched``/``site``/``pattern`` for nodes that a fusediff op was
     translated into (or a standard GroupNormalization/Attention/Gelu node): each source fusediff
@@ -137,7 +137,7 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False, bran
     import networkx as nx
     import onnx
 
-    from ...fxpasses.visualize import fused_op_family
+    from ...fxpasses.viz import fused_op_family
 
     if isinstance(model, (str, os.PathLike)):
         model = onnx.load(os.fspath(model), load_external_data=False)
@@ -222,7 +222,7 @@ def onnx_to_networkx(model, *, title: str = "", initializers: bool = False, bran
 def visualize_onnx(model, out_dir: str | os.PathLike, *, depth: int = 2, title: str = "",
                    renderer: str = "auto") -> dict[str, str]:
     """Write ``onnx_graph.{dot,svg,html}`` and ``onnx_blocks.{dot,svg,html}`` of an ONNX model."""
-    from ...fxpasses import visualize as viz
+    from ...fxpasses import viz
 
     out_dir = os.fspath(out_dir)
     os.makedirs(out_dir, exist_ok=True)

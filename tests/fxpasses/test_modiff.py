@@ -1,4 +1,4 @@
-"""MoDiff model integration (fxpasses/modiff.py): surgery, layer policy, state lifecycle, compile/export.
+"""MoDiff model integration (fxpasses/modiff/): surgery, layer policy, state lifecycle, compile/export.
 
 The model-level tests run the ``fusediff::`` ops on their pure-torch reference path
 (``TRITON_INTERPRET=0`` for the test, see the autouse fixture): the kernels themselves are proven
@@ -506,11 +506,20 @@ def test_to_keeps_primed_on_cpu_and_scales_fp32():
 def test_allocate_in_inference_mode_then_reset_outside():
     model, args, kwargs = tiny()
     q = md.quantize(model, cfg(), inplace=False)
+    layers = [m for m in md.quant_layers(q) if m.state_kinds()]
+    assert layers and md.cache_bytes(q) == 0  # no example call: nothing sized yet
     with torch.inference_mode():
-        q(*args)  # lazily sizes the caches inside inference mode
+        first = q(*args)  # lazily sizes the caches inside inference mode
+        q(*steps_inputs(args, 1)[0])  # an integer step: the trajectory moves on
+    assert md.cache_bytes(q) > 0 and all(bool(m.primed) for m in layers)
+    # allocated as normal tensors, so code outside inference mode may write them
+    assert not any(getattr(m, k).is_inference() for m in layers for k in m.state_kinds())
     md.reset(q)  # writes the caches' flags outside inference mode: must not raise
+    assert not any(bool(m.primed) for m in layers)
     with torch.inference_mode(), md.trajectory(q):
-        q(*args)
+        again = q(*args)
+    assert all(bool(m.primed) for m in layers)
+    assert torch.equal(again, first)  # a new trajectory: the float first step again, not a step from the old state
 
 
 def test_preserve_state_restores_the_trajectory():

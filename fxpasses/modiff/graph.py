@@ -2,11 +2,14 @@
 
 A dynamo backend never sees the module, only a graph whose parameters are placeholders (and their
 real tensors among the example inputs). :func:`quantize_graph` does at graph level what
-:func:`fxpasses.modiff.quantize` does to modules:
+:func:`fxpasses.modiff.quantize` does to modules (the low-bit layers of "Real-Time On-Device
+Diffusion: Practical Acceleration via Fused Low-Bit Kernels", eq. 4-7):
 
     conv2d / 1x1 conv1d (x, W, b, ...) / linear(x, W, b)   ->   call_module(QuantConv2d / QuantLinear)(x)
     x @ W.t()                                              ->   call_module(QuantLinear)(x)
     conv_q(group_norm_silu(x, ...))                        ->   conv_q(x, norm=(...))   (MoDiff, Fig. 1)
+
+The last rewrite is the pattern :func:`fxpasses.patterns.gn_quant.fuse_into_layer`.
 
 ``W`` and ``b`` are parameters or computed from parameters only (EDM2's ``MPConv``: normalize(W) *
 gain / sqrt(fan_in)); a computed weight is evaluated once here and its subgraph erased. A conv whose
@@ -42,10 +45,13 @@ import torch.nn as nn
 
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from .canonicalize import canon, clean_module_path, module_path, tensor_meta, through
-from .match import has_side_effect
-from .modiff import (LayerDecision, QuantConfig, QuantConv2d, QuantLinear, QuantReport, group_norm_args,
-                             is_group_norm_silu, plan, register_graph_layers)
+from ..canonicalize import canon, clean_module_path, module_path, tensor_meta, through
+from ..match import has_side_effect
+from ..patterns.gn_quant import fuse_into_layer
+from .config import LayerDecision, QuantConfig, QuantReport
+from .layers import QuantConv2d, QuantLinear
+from .lifecycle import register_graph_layers
+from .plan import plan
 
 log = logging.getLogger("fusediff.fxpasses")
 
@@ -176,25 +182,6 @@ def _transposed_2d(n: Any) -> Optional[fx.Node]:
     return None
 
 
-def _fuse_norm(g: fx.Graph, call: fx.Node, layer: nn.Module) -> bool:
-    """Paper Fig. 1 (left) at graph level, the twin of :func:`fxpasses.modiff.fuse_group_norm_quantize`:
-
-        conv_q(group_norm_silu(x, ...))   ->   conv_q(x, norm=(...))   # GN runs inside the quantizer
-
-    Only for a MoDiff conv reading the norm's output alone (a second reader, e.g. a resample between
-    SiLU and conv, keeps them apart) and without SmoothQuant (its factor sits between the two).
-    """
-    gn = call.args[0]
-    if not (isinstance(layer, QuantConv2d) and layer.mode == "modiff" and layer.smooth_inv is None
-            and is_group_norm_silu(gn) and len(gn.users) == 1):
-        return False
-    args = group_norm_args(gn)
-    call.args = (args.pop("x"),)
-    call.kwargs = {"norm": tuple(args.values())}
-    g.erase_node(gn)
-    return True
-
-
 def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig) -> QuantReport:
     """Replace ``gm``'s conv2d/linear calls on parameter weights by quantized layers (in place).
 
@@ -288,7 +275,7 @@ def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig
         new.meta["fusediff_module"] = path
         node.replace_all_uses_with(new)
         g.erase_node(node)
-        if _fuse_norm(g, new, layer):
+        if fuse_into_layer(g, new, layer):  # paper Fig. 1 (left): patterns/gn_quant.py
             d.reason += "; GroupNorm fused into the quantizer"
             fused += 1
         register_graph_layers(owners[node], [layer])  # the model's own Parameter
