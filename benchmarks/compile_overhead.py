@@ -39,7 +39,7 @@ def _first_call(model, args, kwargs, backend) -> float:
 
 def run(out_dir: str, models=("zoo:ddpm", "zoo:sd15")) -> list[Row]:
     from fusediff.fxpasses.capture import capture_dynamo
-    from fusediff.fxpasses.match import run_passes
+    from fusediff.fxpasses.pipeline import run_passes
     from fusediff.lowering.models import resolve
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"

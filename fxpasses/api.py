@@ -8,10 +8,9 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 
-from .canonicalize import canonicalize
 from .capture import capture_dynamo, capture_export
 from .config import RewriteConfig
-from .match import PassResult, apply_rewrites, find_sites, finish
+from .pipeline import PassResult, Pipeline, finish
 from .report import Report, build_report
 from .sites import Site
 
@@ -66,8 +65,8 @@ def inspect_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
     if not title:
         x = next((a for a in args if isinstance(a, torch.Tensor)), None)
         title = type(model).__name__ + (f" {tuple(x.shape)}" if x is not None else "")
-    res = PassResult(canon=canonicalize(gm))
-    res.sites = find_sites(gm, cfg)
+    pipeline = Pipeline(cfg)  # inspect: no selection, no post-passes, no verify
+    res = pipeline.find(gm)
     # Measure and draw the canonical graph with the sites marked (before the rewrite).
     report = build_report(gm, res.sites, model=model, title=title)
     files: dict[str, str] = {}
@@ -76,7 +75,7 @@ def inspect_model(model: torch.nn.Module, args: tuple = (), kwargs: dict | None 
 
         files = visualize(gm, res.sites, out_dir, report=report, title=title)
     if rewrite:
-        apply_rewrites(gm, res)
+        pipeline.rewrite(gm, res)
     else:
         finish(res)
     if out_dir is not None:

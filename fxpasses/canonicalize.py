@@ -9,6 +9,13 @@ pattern code reads ``c.arg("eps")`` whatever the source. It also
 * strips eval-mode no-ops that would hide patterns (``dropout`` with p=0 or training=False,
   identity casts such as ``.to(x.dtype)``/``.float()`` on an fp32 tensor, ``.contiguous()``
   on a contiguous value, ``x / 1.0``), rewiring their users;
+* sees through algebraic spellings (:func:`read_spellings`): a node that computes a canonical
+  op in other words gets that op as an *alternative reading* (``Canon.alts``), with the other
+  nodes the reading spans (``Canon.covers``). ``x * sigmoid(x)`` and ``sigmoid(x) * x`` read as
+  ``silu(x)``; ``x * (1 + scale) + shift``, ``addcmul(shift, x, 1 + scale)`` and
+  ``x * scale + shift`` read as one ``film(x, scale, shift, plus_one)`` form (``plus_one``: the
+  ``1 +`` is in the graph; False: it was folded into ``scale`` elsewhere). Patterns match readings
+  (:func:`is_op`, :func:`reading`), so one pattern serves every spelling;
 * copies dynamo's ``example_value`` into ``meta["val"]`` so every node carries a (fake) tensor;
 * cleans ``nn_module_stack`` paths (``L['self'].__dict__['_modules']['down_blocks'].0`` ->
   ``down_blocks.0``) into ``meta["fusediff_module"]``.
@@ -50,6 +57,7 @@ SIGNATURES: dict[str, tuple[str, ...]] = {
     "getitem": ("input", "index"),
     "mul": ("input", "other"),
     "add": ("input", "other"),
+    "addcmul": ("input", "tensor1", "tensor2", "value"),
     "sub": ("input", "other"),
     "div": ("input", "other"),
     "cast": ("input", "dtype"),
@@ -74,15 +82,23 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
     "chunk": {"dim": 0},
     "split": {"dim": 0},
     "dropout": {"p": 0.5, "training": True},
+    "addcmul": {"value": 1},
 }
 
 
 @dataclass
 class Canon:
-    """A node's canonical reading: op name + arguments bound by name."""
+    """A node's canonical reading: op name + arguments bound by name.
+
+    ``alts`` holds alternative readings of the same node (algebraic spellings: a ``mul`` that is a
+    SiLU, an ``add`` that ends a FiLM), each with ``covers``: the other nodes that reading spans
+    (the ``sigmoid`` of ``x * sigmoid(x)``), which a rewrite of the reading replaces too.
+    """
 
     op: str
     args: dict[str, Any] = field(default_factory=dict)
+    alts: dict[str, "Canon"] = field(default_factory=dict)
+    covers: tuple[fx.Node, ...] = ()
 
     def arg(self, name: str, default: Any = None) -> Any:
         return self.args.get(name, default)
@@ -105,7 +121,7 @@ def _fn_table() -> dict[Any, str]:
         torch.chunk: "chunk", torch.split: "split",
         operator.getitem: "getitem",
         operator.mul: "mul", torch.mul: "mul",
-        operator.add: "add", torch.add: "add",
+        operator.add: "add", torch.add: "add", torch.addcmul: "addcmul",
         operator.sub: "sub", torch.sub: "sub",
         operator.truediv: "div", torch.div: "div",
         torch.reshape: "view", torch.permute: "permute", torch.transpose: "transpose",
@@ -138,7 +154,7 @@ _ATEN: dict[Any, str] = {
     aten.scaled_dot_product_attention.default: "sdpa",
     aten.chunk.default: "chunk", aten.split.Tensor: "split", aten.split_with_sizes.default: "split",
     aten.mul.Tensor: "mul", aten.mul.Scalar: "mul",
-    aten.add.Tensor: "add", aten.add.Scalar: "add",
+    aten.add.Tensor: "add", aten.add.Scalar: "add", aten.addcmul.default: "addcmul",
     aten.sub.Tensor: "sub", aten.div.Tensor: "div", aten.div.Scalar: "div",
     aten.view.default: "view", aten.reshape.default: "view", aten._unsafe_view.default: "view",
     aten.permute.default: "permute", aten.transpose.int: "transpose",
@@ -154,7 +170,7 @@ _METHODS: dict[str, str] = {
     "permute": "permute", "transpose": "transpose", "contiguous": "contiguous",
     "to": "cast", "type": "cast", "float": "cast", "half": "cast", "bfloat16": "cast",
     "mul": "mul", "add": "add", "sub": "sub", "div": "div", "matmul": "matmul", "bmm": "matmul",
-    "sigmoid": "sigmoid",
+    "sigmoid": "sigmoid", "addcmul": "addcmul",
 }
 
 
@@ -196,6 +212,8 @@ def _canon_of(node: fx.Node) -> Canon | None:
             # aten spells some parameters differently: map onto the canonical names.
             ren = {"self": "input", "mat2": "other", "tensor": "input", "split_size": "split_size",
                    "split_sizes": "split_size", "size": "shape"}
+            if op == "addcmul":  # aten.addcmul(self, tensor1, tensor2, *, value)
+                ren = {"self": "input"}
             b = {ren.get(k, k): v for k, v in b.items()}
             if op == "gelu":
                 b.setdefault("approximate", "none")
@@ -250,8 +268,23 @@ def canon(n: Any) -> Canon | None:
 
 
 def is_op(n: Any, *ops: str) -> bool:
+    """Whether ``n`` reads as any of ``ops`` (its canonical op, or an alternative reading)."""
     c = canon(n)
-    return c is not None and c.op in ops
+    return c is not None and (c.op in ops or any(o in c.alts for o in ops))
+
+
+def reading(n: Any, op: str) -> Canon | None:
+    """``n``'s reading as ``op``: its canonical one, or the alternative (algebraic spelling), or None."""
+    c = canon(n)
+    if c is None:
+        return None
+    return c if c.op == op else c.alts.get(op)
+
+
+def spanned(n: fx.Node, op: str) -> list[fx.Node]:
+    """The nodes ``n``'s reading as ``op`` spans, in graph order, ``n`` last (for site regions)."""
+    r = reading(n, op)
+    return [*(r.covers if r is not None else ()), n]
 
 
 _PATH_RE = [
@@ -303,6 +336,104 @@ def _is_noop(node: fx.Node, c: Canon) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- algebraic spellings
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v)
+
+
+def _operands(c: Canon) -> tuple[Any, Any]:
+    return c.arg("input"), c.arg("other")
+
+
+def _silu_reading(node: fx.Node, c: Canon) -> Canon | None:
+    """``x * sigmoid(x)`` / ``sigmoid(x) * x`` -> silu(x)."""
+    if c.op != "mul":
+        return None
+    for a, b in (_operands(c), _operands(c)[::-1]):
+        if isinstance(b, fx.Node) and is_op(b, "sigmoid") and canon(b).arg("input") is a and isinstance(a, fx.Node):
+            am, bm, om = tensor_meta(a), tensor_meta(b), tensor_meta(node)
+            if am is None or bm is None or om is None or am.dtype != om.dtype or tuple(am.shape) != tuple(om.shape):
+                return None
+            return Canon("silu", {"input": a}, covers=(b,) if len(b.users) == 1 else ())
+    return None
+
+
+def _one_plus(n: Any) -> Any:
+    """``s`` when ``n`` is ``1 + s`` / ``s + 1`` (a node), else None."""
+    if not (isinstance(n, fx.Node) and is_op(n, "add") and canon(n).op == "add"):
+        return None
+    a, b = _operands(canon(n))
+    if _num(a) == 1.0 and isinstance(b, fx.Node):
+        return b
+    if _num(b) == 1.0 and isinstance(a, fx.Node):
+        return a
+    return None
+
+
+def _film_shapes_ok(x: fx.Node, scale: fx.Node, shift: Any, out: fx.Node) -> bool:
+    """``scale``/``shift`` broadcast per (sample, channel) over ``x``'s spatial dims: (N, C, 1, ...)."""
+    xm, om = tensor_meta(x), tensor_meta(out)
+    if xm is None or om is None or xm.dim() < 3 or tuple(om.shape) != tuple(xm.shape) or om.dtype != xm.dtype:
+        return False
+    for t in (scale, shift):
+        m = tensor_meta(t)
+        if m is None or m.dim() != xm.dim() or any(d != 1 for d in m.shape[2:]) \
+                or m.shape[1] != xm.shape[1] or m.shape[0] not in (1, xm.shape[0]):
+            return False
+    return True
+
+
+def _film_reading(node: fx.Node, c: Canon) -> Canon | None:
+    """``x*(1+s)+t`` / ``addcmul(t, x, 1+s)`` / ``x*s+t`` (any operand order) -> film(x, s, t, plus_one)."""
+    if c.op == "addcmul":
+        if _num(c.arg("value")) != 1.0:
+            return None
+        t1, t2, shift = c.arg("tensor1"), c.arg("tensor2"), c.arg("input")
+        cands = [(t1, t2, (), shift), (t2, t1, (), shift)]
+    elif c.op == "add":
+        cands = []
+        for m, shift in (_operands(c), _operands(c)[::-1]):
+            if isinstance(m, fx.Node) and len(m.users) == 1 and canon(m) is not None and canon(m).op == "mul":
+                a, b = _operands(canon(m))
+                cands += [(a, b, (m,), shift), (b, a, (m,), shift)]
+    else:
+        return None
+    for x, factor, cov, shift in cands:
+        if not all(isinstance(v, fx.Node) for v in (x, factor, shift)):
+            continue
+        s = _one_plus(factor)
+        plus_one = s is not None
+        s = s if plus_one else factor
+        if x is s or x is shift or not _film_shapes_ok(x, s, shift, node):
+            continue
+        # covers: the nodes between x and this one (a ``1 + s`` computed beside them is left to DCE)
+        return Canon("film", {"input": x, "scale": s, "shift": shift, "plus_one": plus_one}, covers=tuple(cov))
+    return None
+
+
+def read_spellings(gm: fx.GraphModule) -> dict[str, int]:
+    """Give nodes that spell a canonical op in other words that op as an alternative reading.
+
+    Targets stay untouched (a site that is not rewritten keeps the model's own spelling). Returns
+    counts by reading (``{"silu": 3, "film": 2}``).
+    """
+    counts: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        c = canon(node)
+        if c is None:
+            continue
+        for op, fn in (("silu", _silu_reading), ("film", _film_reading)):
+            if c.op == op or op in c.alts:
+                continue
+            r = fn(node, c)
+            if r is not None:
+                c.alts[op] = r
+                counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
 _ASSERTS = tuple(t for t in (getattr(aten, "_assert_tensor_metadata", None),
                               getattr(aten, "_assert_scalar", None)) if t is not None)
 _ASSERTS = tuple(getattr(t, "default", t) for t in _ASSERTS)
@@ -313,6 +444,7 @@ class CanonStats:
     nodes: int = 0
     annotated: int = 0
     stripped: dict[str, int] = field(default_factory=dict)
+    spellings: dict[str, int] = field(default_factory=dict)
 
 
 def canonicalize(gm: fx.GraphModule, *, strip_noops: bool = True) -> CanonStats:
@@ -344,6 +476,9 @@ def canonicalize(gm: fx.GraphModule, *, strip_noops: bool = True) -> CanonStats:
                 stats.stripped[c.op] = stats.stripped.get(c.op, 0) + 1
     if stats.stripped:
         log.info("canonicalize: stripped no-ops %s", stats.stripped)
+    stats.spellings = read_spellings(gm)
+    if stats.spellings:
+        log.info("canonicalize: algebraic spellings read as canonical ops %s", stats.spellings)
     g.lint()
     gm.recompile()
     return stats

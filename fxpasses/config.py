@@ -60,3 +60,23 @@ class RewriteConfig:
 
     def excluded(self, module_path: str) -> bool:
         return any(module_path == p or module_path.startswith(p + ".") for p in self.exclude)
+
+    def rejects(self, pattern: str, dtype, module_path: str) -> str | None:
+        """The one gate every pattern family applies: the config's reason not to rewrite a site, or None.
+
+        Same checks, same order, same words for every family: pattern disabled, dtype not enabled,
+        module excluded. (Structural and kernel constraints are each family's own, checked after.)
+
+        Args:
+            pattern: the config pattern key of the site (``"groupnorm"``, ``"attention"``, ``"geglu"``,
+                ``"gelu"``, ``"winograd"``).
+            dtype: the site's input dtype.
+            module_path: the site's owning module.
+        """
+        if pattern not in self.patterns:
+            return f"pattern {pattern!r} disabled in config"
+        if not self.allows_dtype(dtype):
+            return f"dtype {dtype} not enabled in config"
+        if self.excluded(module_path):
+            return f"module {module_path!r} excluded by config"
+        return None

@@ -1,44 +1,19 @@
-"""The pass driver: canonicalize -> find sites -> rewrite matched ones -> clean up.
+"""The matcher: find every site in a canonical graph, rewrite the matched ones, clean up.
 
-``run_passes(gm, cfg)`` is what the backend, the model transform and the CLI call.
+These are the find and rewrite steps of the one pass pipeline (:mod:`fxpasses.pipeline`), which
+every entry point runs; nothing else calls them.
 """
 from __future__ import annotations
 
-import collections
-import logging
 import operator
-from dataclasses import dataclass, field
 
 import torch.fx as fx
 
-from .canonicalize import CanonStats, canonicalize
 from .config import RewriteConfig
 from .patterns import attention, conv, gelu, groupnorm
 from .sites import Site
 
-log = logging.getLogger("fusediff.fxpasses")
-
 FAMILIES = {"groupnorm": groupnorm, "attention": attention, "gelu": gelu, "conv": conv}
-
-
-@dataclass
-class PassResult:
-    """What the passes found and did to one graph."""
-
-    sites: list[Site] = field(default_factory=list)
-    canon: CanonStats | None = None
-
-    def counts(self, *, matched_only: bool = False) -> dict[str, int]:
-        c: collections.Counter[str] = collections.Counter()
-        for s in self.sites:
-            if matched_only and not s.matched:
-                continue
-            c[s.pattern] += 1
-        return dict(c)
-
-    @property
-    def rewritten(self) -> dict[str, int]:
-        return dict(collections.Counter(s.pattern for s in self.sites if s.rewritten))
 
 
 def find_sites(gm: fx.GraphModule, cfg: RewriteConfig | None = None) -> list[Site]:
@@ -76,14 +51,14 @@ def has_side_effect(node: fx.Node) -> bool:
     return name.endswith("_") and not name.startswith("_")
 
 
-def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:
-    """Rewrite the matched sites of ``res`` (found on ``gm`` by :func:`find_sites`) and clean up."""
-    for s in res.sites:
+def rewrite_sites(gm: fx.GraphModule, sites: list[Site]) -> None:
+    """Rewrite the matched ``sites`` (found on ``gm`` by :func:`find_sites`) and clean up the graph."""
+    for s in sites:
         if s.matched and not s.rewritten:
             _owner(s).rewrite(gm, s)
     # Erase the replaced nodes explicitly: DCE keeps ops it considers impure (aten SDPA).
     by_name = {n.name: n for n in gm.graph.nodes}
-    for s in res.sites:
+    for s in sites:
         if s.rewritten:
             for name in reversed(s.nodes):
                 n = by_name.get(name)
@@ -94,7 +69,6 @@ def apply_rewrites(gm: fx.GraphModule, res: PassResult) -> PassResult:
     gm.graph.lint()
     gm.recompile()
     fill_meta(gm)
-    return finish(res)
 
 
 def fill_meta(gm: fx.GraphModule) -> int:
@@ -134,26 +108,3 @@ def fill_meta(gm: fx.GraphModule) -> int:
         except Exception:  # noqa: BLE001 - metadata is best effort
             continue
     return filled
-
-
-def finish(res: PassResult) -> PassResult:
-    """Drop the rewrite plans (graph references) from the sites and log the outcome."""
-    for s in res.sites:
-        s.attrs.pop("_plan", None)
-        if not s.matched:
-            log.info("site %s at %s not rewritten: %s", s.pattern, s.module_path or s.anchor, s.reason)
-    log.info("fusediff passes: found %s, rewritten %s", res.counts(), res.rewritten)
-    return res
-
-
-def run_passes(gm: fx.GraphModule, cfg: RewriteConfig | None = None, *, rewrite: bool = True) -> PassResult:
-    """Canonicalize ``gm`` in place, find sites, rewrite the matched ones (if ``rewrite``).
-
-    Returns the :class:`PassResult` (every site, matched or not, with its reason).
-    """
-    cfg = cfg or RewriteConfig()
-    res = PassResult(canon=canonicalize(gm))
-    res.sites = find_sites(gm, cfg)
-    if rewrite:
-        return apply_rewrites(gm, res)
-    return finish(res)

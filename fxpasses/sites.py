@@ -2,7 +2,9 @@
 
 Sites are plain data so reports, visualization, the lowering layer and tests share one view of
 what was found, where (module path from ``nn_module_stack``), on which shapes/dtypes, and why a
-candidate was not rewritten.
+candidate was not rewritten. The one exception is :attr:`Site.plan`: the graph nodes a pattern's
+``find`` hands its ``rewrite`` (a typed :class:`Plan` per family), set by ``find`` and cleared by
+the pipeline once the graph is rewritten (never compared, printed or serialized).
 """
 from __future__ import annotations
 
@@ -25,6 +27,13 @@ PATTERNS: dict[str, str] = {
 }
 
 
+class Plan:
+    """Base of the per-family rewrite plans (``GroupNormPlan``, ``SdpaPlan``, ... in ``patterns/``):
+    the graph nodes and constants a pattern's ``rewrite`` needs, found by its ``find``."""
+
+    __slots__ = ()
+
+
 @dataclass
 class Site:
     """One candidate occurrence of a pattern in a canonical graph.
@@ -42,6 +51,7 @@ class Site:
             (sdpa/matmul/bmm/einsum/baddbmm/qkv_legacy/cosine), ``kind`` (self/cross),
             ``heads``, ``head_dim``, ``approximate`` ...
         rewritten: set by the rewrite pass once the graph was changed.
+        plan: the family's :class:`Plan` from ``find`` to ``rewrite`` (graph nodes; cleared after).
     """
 
     pattern: str
@@ -54,6 +64,7 @@ class Site:
     dtype: str = ""
     attrs: dict[str, Any] = field(default_factory=dict)
     rewritten: bool = False
+    plan: Plan | None = field(default=None, repr=False, compare=False)
 
     @property
     def family(self) -> str:

@@ -15,10 +15,10 @@ import torch
 import torch.fx as fx
 
 from ..fxpasses.config import RewriteConfig
-from ..fxpasses.match import PassResult
 from ..fxpasses.modiff import QuantConfig, QuantReport
 from ..fxpasses.modiff import graph as quant_graph
-from .transform import OptimizeConfig, rewrite_graph
+from ..fxpasses.pipeline import PassResult
+from .transform import OptimizeConfig, pipeline
 from .verify import VerifyFailure
 
 log = logging.getLogger("fusediff.lowering")
@@ -103,8 +103,8 @@ def make_backend(config: OptimizeConfig | RewriteConfig | QuantConfig | None = N
             real = [x for x in example_inputs if isinstance(x, torch.Tensor)]
             fake = any(isinstance(x, torch._subclasses.FakeTensor) for x in real)
             device = real[0].device if real else torch.device("cpu")
-            res, failures = rewrite_graph(gm, cfg, device, None if fake else list(example_inputs))
-            VERIFY_FAILURES.extend(failures)
+            res = pipeline(cfg, None if fake else list(example_inputs)).run(gm, device=device)
+            VERIFY_FAILURES.extend(res.failures)
             LAST_RESULTS.append(res)
             del LAST_RESULTS[:-_MAX_KEEP]
             if quant is not None:

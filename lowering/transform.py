@@ -16,11 +16,11 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from ..fxpasses.canonicalize import canonicalize
 from ..fxpasses.capture import capture_export
 from ..fxpasses.config import RewriteConfig
-from ..fxpasses.match import PassResult, apply_rewrites, find_sites
 from ..fxpasses.modiff import QuantConfig
+from ..fxpasses.patterns.gn_quant import fuse_group_norm_quantize
+from ..fxpasses.pipeline import PassResult, Pipeline
 from .select import POLICIES, Selector
 from .verify import VerifyFailure, verify_graph
 
@@ -73,30 +73,24 @@ def first_device(args: tuple, kwargs: dict) -> torch.device:
     return torch.device("cpu")
 
 
-def rewrite_graph(gm: fx.GraphModule, config: "OptimizeConfig", device: torch.device,
-                  inputs: list | None = None) -> tuple[PassResult, list[VerifyFailure]]:
-    """Canonicalize, find, select, rewrite and (optionally) verify ``gm`` in place."""
-    res = PassResult(canon=canonicalize(gm))
-    res.sites = find_sites(gm, config.rewrite)
-    Selector(config.selection).apply(res.sites, device)
-    apply_rewrites(gm, res)
-    from ..fxpasses.patterns.gn_quant import fuse_group_norm_quantize
-
-    fuse_group_norm_quantize(gm)  # MoDiff graphs only: GroupNorm(+SiLU) -> quantizer in one op (Fig. 1)
-    failures: list[VerifyFailure] = []
+def pipeline(config: "OptimizeConfig", inputs: list | None = None) -> Pipeline:
+    """The pipeline ``optimize()`` and the ``torch.compile`` backend run: selection by ``config.selection``,
+    the GroupNorm -> MoDiff-quantizer fusion (paper Fig. 1; MoDiff graphs only) as post-pass, and verify
+    on ``inputs`` when ``config.verify`` (stateful buffers such as MoDiff caches are restored after the
+    check run)."""
+    verify = None
     if config.verify and inputs is not None:
-        # the check run must not advance stateful buffers (MoDiff caches): restore them after
-        saved = {k: b.clone() for k, b in gm.named_buffers()}
-        failures = verify_graph(gm, inputs)
-        with torch.no_grad():
-            for k, b in gm.named_buffers():
-                b.copy_(saved[k])
-        for f in failures:
-            for s in res.sites:
-                if s.rewritten and s.module_path == f.module_path:
-                    s.reason = (s.reason + "; " if s.reason else "") + f"verify failed ({f.reason}): original ops used"
-                    s.attrs["verify_failed"] = True
-    return res, failures
+        def verify(gm: fx.GraphModule) -> list[VerifyFailure]:
+            saved = {k: b.clone() for k, b in gm.named_buffers()}
+            try:
+                return verify_graph(gm, inputs)
+            finally:
+                with torch.no_grad():
+                    for k, b in gm.named_buffers():
+                        b.copy_(saved[k])
+
+    return Pipeline(config.rewrite, select=Selector(config.selection).apply,
+                    post_passes=(fuse_group_norm_quantize,), verify=verify)
 
 
 def _restore(out: Any, template: Any) -> Any:
@@ -188,8 +182,8 @@ class OptimizedModule(torch.nn.Module):
             import torch.fx._pytree as fx_pytree
 
             flat = fx_pytree.tree_flatten_spec((args, kwargs), gm._in_spec)
-        res, failures = rewrite_graph(gm, self._fd_config, first_device(args, kwargs), flat)
-        self._fd_failures.extend(failures)
+        res = pipeline(self._fd_config, flat).run(gm, device=first_device(args, kwargs))
+        self._fd_failures.extend(res.failures)
         if len(self._fd_graphs) >= self._fd_config.max_signatures:
             self._fd_graphs.pop(next(iter(self._fd_graphs)))
         self._fd_graphs[key] = (gm, res, None if isinstance(template, torch.Tensor) else template)

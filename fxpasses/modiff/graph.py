@@ -185,7 +185,7 @@ def _transposed_2d(n: Any) -> Optional[fx.Node]:
 def quantize_graph(gm: fx.GraphModule, example_inputs: list, config: QuantConfig) -> QuantReport:
     """Replace ``gm``'s conv2d/linear calls on parameter weights by quantized layers (in place).
 
-    Run it on a canonicalized dynamo graph (``lowering.transform.rewrite_graph`` first). Returns
+    Run it on a canonicalized dynamo graph (``lowering.transform.pipeline(...).run`` first). Returns
     the :class:`~fxpasses.modiff.QuantReport` (one row per conv/linear call found).
 
     Raises:

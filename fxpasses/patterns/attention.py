@@ -15,13 +15,46 @@ Sites get ``form`` (sdpa/matmul/baddbmm/einsum/qkv_legacy/cosine) and ``kind`` (
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
 from ..canonicalize import canon, forward_chain, is_op, make_call, tensor_meta, through
 from ..config import RewriteConfig
-from ..sites import Site
+from ..sites import Plan, Site
+
+
+@dataclass
+class SdpaPlan(Plan):
+    """An SDPA call replaced by the fused op with the same arguments."""
+
+    node: fx.Node
+
+
+@dataclass
+class SoftmaxPlan(Plan):
+    """``softmax(A . B * scale + mask) . V`` read as einsums: operands, their letters (``a``, ``b``,
+    ``v``; ``r`` the result's), batch letters, query/key/head letters ``i, j, d``, the value's head
+    letter ``vd``, the mask with its letters, the scale, and the product node whose users move."""
+
+    A: fx.Node
+    B: fx.Node
+    V: fx.Node
+    a: str
+    b: str
+    v: str
+    r: str
+    batch: str
+    i: str
+    j: str
+    d: str
+    vd: str
+    mask: fx.Node | None
+    mask_sub: str | None
+    scale: Any
+    out: fx.Node
 
 _SHAPE_OPS = ("view", "permute", "transpose", "contiguous", "cast", "getitem", "chunk", "split")
 
@@ -171,27 +204,22 @@ def _kind(q, k) -> str:
 def _finish(site: Site, cfg: RewriteConfig, q4_shape, k4_shape, dtype, why: str | None):
     from ...kernels import attention as katt
 
+    if dtype is not None and dtype != "":
+        why = cfg.rejects("attention", dtype, site.module_path) or why
     if why is None:
-        if not cfg.allows_dtype(dtype):
-            why = f"dtype {dtype} not enabled in config"
-        elif cfg.excluded(site.module_path):
-            why = "module excluded by config"
-        elif "attention" not in cfg.patterns:
-            why = "pattern family disabled in config"
-        else:
-            ok, r = katt.flash_attention_supported(tuple(q4_shape), tuple(k4_shape), dtype)
-            site.attrs["impl"] = "flash"
-            if cfg.attention_impl == "partial_softmax":
-                site.attrs["impl"] = "partial_softmax"
-            elif not ok:
-                from ...kernels import softmax as ksm
+        ok, r = katt.flash_attention_supported(tuple(q4_shape), tuple(k4_shape), dtype)
+        site.attrs["impl"] = "flash"
+        if cfg.attention_impl == "partial_softmax":
+            site.attrs["impl"] = "partial_softmax"
+        elif not ok:
+            from ...kernels import softmax as ksm
 
-                if q4_shape[-1] <= ksm.MAX_HEAD_DIM and tuple(q4_shape[:2]) == tuple(k4_shape[:2]):
-                    # the flash kernel's constraints fail: fall back to the partially fused softmax
-                    site.attrs["impl"] = "partial_softmax"
-                    site.reason = f"flash attention not used ({r}); partially fused softmax instead"
-                else:
-                    why = r
+            if q4_shape[-1] <= ksm.MAX_HEAD_DIM and tuple(q4_shape[:2]) == tuple(k4_shape[:2]):
+                # the flash kernel's constraints fail: fall back to the partially fused softmax
+                site.attrs["impl"] = "partial_softmax"
+                site.reason = f"flash attention not used ({r}); partially fused softmax instead"
+            else:
+                why = r
     if why is not None:
         site.matched = False
         site.reason = why
@@ -224,7 +252,7 @@ def _find_sdpa(node: fx.Node, cfg: RewriteConfig) -> Site:
     q4 = tuple(qm.shape) if qm is not None and qm.dim() == 4 else ((qm.shape[0], 1) + tuple(qm.shape[1:]) if qm is not None else ())
     k4 = tuple(km.shape) if km is not None and km.dim() == 4 else ((km.shape[0], 1) + tuple(km.shape[1:]) if km is not None else ())
     _finish(site, cfg, q4, k4, qm.dtype if qm is not None else None, why)
-    site.attrs["_plan"] = {"kind": "sdpa", "node": node}
+    site.plan = SdpaPlan(node)
     return site
 
 
@@ -369,10 +397,8 @@ def _find_softmax(sm: fx.Node, cfg: RewriteConfig) -> Site | None:
         if len(dts) != 1:
             why = f"q/k/v dtypes differ {sorted(map(str, dts))}"
         _finish(site, cfg, q4, k4, anchor_dtype, why)
-        site.attrs["_plan"] = {"kind": "softmax", "A": A, "B": B, "V": V, "a": a_sub, "b": b_sub,
-                               "v": v_sub, "r": r_sub, "batch": "".join(batch), "i": i, "j": j, "d": d,
-                               "vd": vdim, "mask": mask, "mask_sub": mask_sub, "scale": scale,
-                               "out": pv}
+        site.plan = SoftmaxPlan(A, B, V, a_sub, b_sub, v_sub, r_sub, "".join(batch), i, j, d, vdim, mask, mask_sub,
+                                scale, pv)
     else:
         site.attrs["kind"] = "?"
         site.matched = False
@@ -410,13 +436,13 @@ def rewrite(gm: fx.GraphModule, site: Site) -> None:
     from ...kernels import attention  # noqa: F401  (registers fusediff::flash_attention)
     from ...kernels import softmax  # noqa: F401  (registers fusediff::softmax_stats / softmax_matmul)
 
-    p = site.attrs["_plan"]
+    p = site.plan
     g = gm.graph
     # same argument order for both: (q, k, v, mask, scale)
     fa = torch.ops.fusediff.flash_attention.default if site.attrs.get("impl", "flash") == "flash" \
         else _partial_softmax
-    if p["kind"] == "sdpa":
-        node = p["node"]
+    if isinstance(p, SdpaPlan):
+        node = p.node
         c = canon(node)
         q, k, v = c.arg("query"), c.arg("key"), c.arg("value")
         mask, scale = c.arg("attn_mask"), c.arg("scale")
@@ -433,17 +459,18 @@ def rewrite(gm: fx.GraphModule, site: Site) -> None:
         node.replace_all_uses_with(out)
         site.rewritten = True
         return
-    out_node = p["out"]
-    b, i, j, d, vd = p["batch"], p["i"], p["j"], p["d"], p["vd"]
+    assert isinstance(p, SoftmaxPlan), site
+    out_node = p.out
+    b, i, j, d, vd = p.batch, p.i, p.j, p.d, p.vd
     with g.inserting_before(out_node):
-        q4 = _to_bhld(g, p["A"], p["a"], b, i, d, out_node)
-        k4 = _to_bhld(g, p["B"], p["b"], b, j, d, out_node)
-        v4 = _to_bhld(g, p["V"], p["v"], b, j, vd, out_node)
+        q4 = _to_bhld(g, p.A, p.a, b, i, d, out_node)
+        k4 = _to_bhld(g, p.B, p.b, b, j, d, out_node)
+        v4 = _to_bhld(g, p.V, p.v, b, j, vd, out_node)
         m4 = None
-        if p["mask"] is not None:
-            m4 = _to_bhld(g, p["mask"], p["mask_sub"], b, i, j, out_node)
+        if p.mask is not None:
+            m4 = _to_bhld(g, p.mask, p.mask_sub, b, i, j, out_node)
         # softmax(q.k^T * s + m) @ v -> flash_attention(q, k, v, m, s)
-        o4 = make_call(g, fa, (q4, k4, v4, m4, float(p["scale"])), like=out_node)
+        o4 = make_call(g, fa, (q4, k4, v4, m4, float(p.scale)), like=out_node)
         # what the unfused form moved through DRAM and the kernel keeps on chip: the score matrix
         # written by q.k^T and read by softmax, the probabilities written by softmax and read by p.v
         q_shape, k_shape = site.shapes["q"], site.shapes["k"]
@@ -455,7 +482,7 @@ def rewrite(gm: fx.GraphModule, site: Site) -> None:
         o = o4
         for _ in range(2 - len(b)):
             o = make_call(g, torch.squeeze, (o, 0), like=out_node)
-        o = make_call(g, torch.einsum, (f"{b}{i}{vd}->{p['r']}", o), like=out_node)
+        o = make_call(g, torch.einsum, (f"{b}{i}{vd}->{p.r}", o), like=out_node)
         want = tensor_meta(out_node)
         if want is not None:
             o = make_call(g, torch.Tensor.to, (o, want.dtype), like=out_node)

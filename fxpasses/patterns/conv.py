@@ -11,12 +11,21 @@ on CPU), ``"off"``, ``"force"`` (every eligible 3x3 conv; for tests and ablation
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
 from ..canonicalize import canon, is_op, make_call, tensor_meta
 from ..config import RewriteConfig
-from ..sites import Site
+from ..sites import Plan, Site
+
+
+@dataclass
+class ConvPlan(Plan):
+    """The conv2d node a Winograd rewrite replaces."""
+
+    node: fx.Node
 
 
 def _ints(v, n=2):
@@ -44,23 +53,18 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
         site = Site("winograd", [n.name], anchor=n.name, module_path=n.meta.get("fusediff_module", ""),
                     shapes={"x": tuple(xm.shape), "w": tuple(wm.shape)}, dtype=str(xm.dtype),
                     attrs={"stride": stride, "padding": pad})
-        why = None
-        if stride != (1, 1) or dil != (1, 1) or c.arg("groups") != 1 or pad[0] != pad[1] or pad[0] not in (0, 1):
+        why = cfg.rejects("winograd", xm.dtype, site.module_path)
+        if why is None and (stride != (1, 1) or dil != (1, 1) or c.arg("groups") != 1 or pad[0] != pad[1]
+                            or pad[0] not in (0, 1)):
             why = f"stride {stride}, padding {pad}, dilation {dil}, groups {c.arg('groups')}: kernel takes stride 1, padding 0/1"
-        elif "winograd" not in cfg.patterns:
-            why = "pattern family disabled in config"
-        elif not cfg.allows_dtype(xm.dtype):
-            why = f"dtype {xm.dtype} not enabled in config"
-        elif cfg.excluded(site.module_path):
-            why = "module excluded by config"
-        elif cfg.winograd == "auto":
+        if why is None and cfg.winograd == "auto":
             ok, r = winograd_pays(tuple(xm.shape), tuple(wm.shape), xm.device.type, stride=stride,
                                   padding=pad, dilation=dil, groups=c.arg("groups"), dtype=xm.dtype)
             if not ok:
                 why = r
         if why is not None:
             site.matched, site.reason = False, why
-        site.attrs["_plan"] = {"node": n}
+        site.plan = ConvPlan(n)
         sites.append(site)
     return sites
 
@@ -68,7 +72,8 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
 def rewrite(gm: fx.GraphModule, site: Site) -> None:
     from ...kernels import winograd as kw
 
-    n = site.attrs["_plan"]["node"]
+    assert isinstance(site.plan, ConvPlan), site
+    n = site.plan.node
     c = canon(n)
     g = gm.graph
     w = c.arg("weight")

@@ -6,12 +6,25 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
 from ..canonicalize import canon, is_op, make_call, tensor_meta, through
 from ..config import RewriteConfig
-from ..sites import Site
+from ..sites import Plan, Site
+
+
+@dataclass
+class GeluPlan(Plan):
+    """GELU/GEGLU rewrite: the input, the node whose users are rerouted, the linear fused into
+    ``linear_geglu`` (None: plain ``geglu``/``gelu``) and the GELU approximation."""
+
+    x: fx.Node
+    out: fx.Node
+    linear: fx.Node | None
+    approx: str
 
 
 def _geglu(gelu: fx.Node):
@@ -67,19 +80,12 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
             site = Site("geglu", [split.name] + [it.name for it in items] + [n.name, mul.name], anchor=n.name,
                         module_path=n.meta.get("fusediff_module", ""), shapes={"x": tuple(xm.shape)},
                         dtype=str(xm.dtype), attrs={"approximate": approx, "producer": "linear" if prod is not None else "other"})
-            why = None
-            if not split_users_ok:
+            why = cfg.rejects("geglu", xm.dtype, site.module_path)
+            if why is None and not split_users_ok:
                 why = "the split halves are used elsewhere"
-            elif "geglu" not in cfg.patterns:
-                why = "pattern family disabled in config"
-            elif not cfg.allows_dtype(xm.dtype):
-                why = f"dtype {xm.dtype} not enabled in config"
-            elif cfg.excluded(site.module_path):
-                why = "module excluded by config"
-            else:
+            if why is None:
                 ok, r = kg.geglu_supported(tuple(xm.shape), xm.dtype)
-                if not ok:
-                    why = r
+                why = None if ok else r
             use_linear = False
             if why is None and cfg.geglu_fuse_linear and prod is not None:
                 lc = canon(prod)
@@ -92,27 +98,19 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
             if why is not None:
                 site.matched, site.reason = False, why
             site.attrs["fused_linear"] = use_linear
-            site.attrs["_plan"] = {"x": x, "out": mul, "linear": prod if use_linear else None, "approx": approx}
+            site.plan = GeluPlan(x, mul, prod if use_linear else None, approx)
             sites.append(site)
             continue
         xm = tensor_meta(canon(n).arg("input"))
         site = Site("gelu", [n.name], anchor=n.name, module_path=n.meta.get("fusediff_module", ""),
                     shapes={"x": tuple(xm.shape) if xm is not None else ()},
                     dtype=str(xm.dtype) if xm is not None else "", attrs={"approximate": approx})
-        why = None
-        if xm is None:
-            why = "no shape metadata"
-        elif "gelu" not in cfg.patterns:
-            why = "pattern family disabled in config"
-        elif not cfg.allows_dtype(xm.dtype):
-            why = f"dtype {xm.dtype} not enabled in config"
-        elif cfg.excluded(site.module_path):
-            why = "module excluded by config"
-        elif approx not in ("none", "tanh"):
+        why = "no shape metadata" if xm is None else cfg.rejects("gelu", xm.dtype, site.module_path)
+        if why is None and approx not in ("none", "tanh"):
             why = f"approximate={approx!r}"
         if why is not None:
             site.matched, site.reason = False, why
-        site.attrs["_plan"] = {"x": canon(n).arg("input"), "out": n, "approx": approx}
+        site.plan = GeluPlan(canon(n).arg("input"), n, None, approx)
         sites.append(site)
     return sites
 
@@ -120,21 +118,22 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
 def rewrite(gm: fx.GraphModule, site: Site) -> None:
     from ...kernels import geglu  # noqa: F401  (registers fusediff::gelu / geglu / linear_geglu)
 
-    p = site.attrs["_plan"]
+    p = site.plan
+    assert isinstance(p, GeluPlan), site
     g = gm.graph
-    out = p["out"]
+    out = p.out
     with g.inserting_before(out):
         if site.pattern == "gelu":
             # gelu(x) -> fusediff.gelu(x, approximate)
-            new = make_call(g, torch.ops.fusediff.gelu.default, (p["x"], p["approx"]), like=out, val_=out.meta.get("val"))
-        elif p["linear"] is not None:
-            lc = canon(p["linear"])
+            new = make_call(g, torch.ops.fusediff.gelu.default, (p.x, p.approx), like=out, val_=out.meta.get("val"))
+        elif p.linear is not None:
+            lc = canon(p.linear)
             # chunk(linear(x, W, b), 2)[0] * gelu(chunk(..)[1]) -> fusediff.linear_geglu(x, W, b)
             new = make_call(g, torch.ops.fusediff.linear_geglu.default,
-                            (lc.arg("input"), lc.arg("weight"), lc.arg("bias"), p["approx"]), like=out,
+                            (lc.arg("input"), lc.arg("weight"), lc.arg("bias"), p.approx), like=out,
                             val_=out.meta.get("val"))
         else:
             # h, g = chunk(x, 2, -1); h * gelu(g) -> fusediff.geglu(x)
-            new = make_call(g, torch.ops.fusediff.geglu.default, (p["x"], p["approx"]), like=out, val_=out.meta.get("val"))
+            new = make_call(g, torch.ops.fusediff.geglu.default, (p.x, p.approx), like=out, val_=out.meta.get("val"))
     out.replace_all_uses_with(new)
     site.rewritten = True

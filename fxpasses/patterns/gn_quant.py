@@ -10,7 +10,7 @@ never reaches memory. Two rewrites, one per MoDiff path, guarded by the same con
     # conv_q(group_norm_silu(x, ...))  -> conv_q(x, norm=(...))   (conv_q a MoDiff QuantConv2d call_module)
 
 :func:`fuse_group_norm_quantize` is the first, on graphs of a model quantized by module surgery
-(``fxpasses.modiff.quantize``; run after ``fxpasses.match.run_passes`` turned GroupNorm(+FiLM)
+(``fxpasses.modiff.quantize``; run after the pipeline's rewrite step turned GroupNorm(+FiLM)
 (+SiLU) into ``group_norm_silu``); it returns the number of fused pairs.
 :func:`fuse_into_layer` is the second, for ``backend(quant=...)``
 (``fxpasses.modiff.graph.quantize_graph`` counts the fusions in its log and report). Neither
@@ -76,7 +76,7 @@ def fuse_group_norm_quantize(gm: torch.fx.GraphModule) -> int:
     """Fuse ``fusediff::group_norm_silu -> [unsqueeze(-1)] -> fusediff::modiff_quantize`` into
     ``fusediff::group_norm_quantize`` (the normalized activation never reaches memory).
 
-    Run it on a graph of a MoDiff-quantized model after ``fxpasses.match.run_passes`` (which turns
+    Run it on a graph of a MoDiff-quantized model after the pipeline's rewrite step (which turns
     GroupNorm(+FiLM)(+SiLU) into ``group_norm_silu``); only chains whose intermediate has a single
     user are fused (a resample or a second reader between them keeps them apart). Works on export
     graphs (``.default`` overloads) and dynamo graphs. Returns the number of fused pairs.

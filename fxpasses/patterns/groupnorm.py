@@ -4,8 +4,13 @@ Rewrites (each guarded by a metadata-only constraint check, counted in the site 
 
     # group_norm(x) -> silu                         -> fusediff.group_norm_silu(x, w, b, -, -, G, eps, True)
     # group_norm(x) * (1 + scale) + shift -> silu   -> fusediff.group_norm_silu(x, w, b, scale, shift, G, eps, True)
+    # group_norm(x) * s + shift -> silu             -> fusediff.group_norm_silu(x, w, b, s - 1, shift, G, eps, True)
     # group_norm(x.float()).to(x.dtype) -> silu     -> fusediff.group_norm_silu(x, ...)   (GroupNorm32 upcast)
     # group_norm(x)  (no SiLU: attention / proj_in) -> fusediff.group_norm_silu(x, w, b, -, -, G, eps, False)
+
+SiLU and FiLM are matched by their canonical readings (canonicalize.read_spellings), so
+``x * sigmoid(x)``, ``sigmoid(x) * x``, ``addcmul(shift, x, 1 + scale)`` and ``x * scale + shift``
+fuse like ``silu(x)`` and ``x * (1 + scale) + shift``.
 
 The convolution (or linear proj_in) that consumes the result is recorded as the site's
 ``consumer`` (conv3x3, conv1x1, conv3x3/s2, resample+conv3x3, linear, other, multi) for the
@@ -14,13 +19,30 @@ report and for the MoDiff pass, which also replaces that consumer.
 from __future__ import annotations
 
 import numbers
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
 
-from ..canonicalize import canon, forward_chain, is_op, make_call, tensor_meta, through
+from ..canonicalize import canon, forward_chain, is_op, make_call, reading, spanned, tensor_meta, through
 from ..config import RewriteConfig
-from ..sites import Site
+from ..sites import Plan, Site
+
+
+@dataclass
+class GroupNormPlan(Plan):
+    """The nodes a GroupNorm rewrite reads: kernel input, the group_norm, the region's last node,
+    FiLM scale/shift (``plus_one``: the graph computes ``1 + scale``; else ``scale`` already has the
+    one folded in) and eps (a number, or a graph input under ``dynamic=True``)."""
+
+    input: fx.Node
+    gn: fx.Node
+    out: fx.Node
+    scale: fx.Node | None
+    shift: fx.Node | None
+    plus_one: bool
+    eps: Any
 
 _VIEWS = ("view", "permute", "transpose", "contiguous", "cast")
 
@@ -34,42 +56,34 @@ def _const(x) -> float | None:
 
 
 def _film(cur: fx.Node, x_meta: torch.Tensor | None):
-    """Match ``cur * (1 + scale) + shift``; return (mul, one_plus, add, scale, shift) or None."""
-    if len(cur.users) != 1:
+    """The FiLM reading that takes ``cur`` as its input (any spelling): (region, scale, shift, plus_one) or None."""
+    if len(cur.users) != 1 or x_meta is None:
         return None
-    mul = next(iter(cur.users))
-    if not is_op(mul, "mul"):
-        return None
-    c = canon(mul)
-    other = c.arg("other") if c.arg("input") is cur else c.arg("input")
-    if not is_op(other, "add"):
-        return None
-    oc = canon(other)
-    a, b = oc.arg("input"), oc.arg("other")
-    if _const(a) == 1.0 and isinstance(b, fx.Node):
-        scale = b
-    elif _const(b) == 1.0 and isinstance(a, fx.Node):
-        scale = a
-    else:
-        return None
-    if len(mul.users) != 1:
-        return None
-    add = next(iter(mul.users))
-    if not is_op(add, "add"):
-        return None
-    ac = canon(add)
-    shift = ac.arg("other") if ac.arg("input") is mul else ac.arg("input")
-    if not isinstance(shift, fx.Node):
-        return None
-    # Kernel takes (N, C) scale/shift: they must be (N, C, 1, ...) with x's N and C.
-    for t in (scale, shift):
-        m = tensor_meta(t)
-        if m is None or x_meta is None:
-            return None
+    u = next(iter(cur.users))
+    for n in [u] + ([next(iter(u.users))] if len(u.users) == 1 else []):
+        r = reading(n, "film")
+        if r is None or r.arg("input") is not cur:
+            continue
+        scale, shift = r.arg("scale"), r.arg("shift")
+        # Kernel takes (N, C) scale/shift: they must be (N, C, 1, ...) with x's N and C.
         want = (x_meta.shape[0], x_meta.shape[1]) + (1,) * (x_meta.dim() - 2)
-        if tuple(m.shape) != tuple(want):
-            return None
-    return mul, other, add, scale, shift
+        for t in (scale, shift):
+            m = tensor_meta(t)
+            if m is None or tuple(m.shape) != tuple(want):
+                return None
+        return spanned(n, "film"), scale, shift, bool(r.arg("plus_one"))
+    return None
+
+
+def _silu_of(cur: fx.Node) -> tuple[fx.Node, list[fx.Node], int] | None:
+    """The node reading as ``silu(cur)`` (any spelling): (node, its region, other users of cur) or None."""
+    for u in cur.users:
+        for n in [u] + list(u.users):
+            r = reading(n, "silu")
+            if r is not None and r.arg("input") is cur:
+                region = spanned(n, "silu")
+                return n, region, len(set(cur.users) - set(region))
+    return None
 
 
 def _consumer(n: fx.Node) -> str:
@@ -116,24 +130,25 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
         cur = post[-1] if post else gn
         film = _film(cur, xm) if cfg.fuse_film else None
         scale = shift = None
+        plus_one = True
         if film is not None:
-            mul, one_plus, add, scale, shift = film
-            region += [mul, add]
-            cur = add
+            film_region, scale, shift, plus_one = film
+            region += film_region
+            cur = film_region[-1]
             attrs["film"] = True
             post = forward_chain(cur)
             region += post
             cur = post[-1] if post else cur
-        silu_users = [u for u in cur.users if is_op(u, "silu")]
-        if cfg.fuse_silu and len(cur.users) == 1 and silu_users:
-            s = silu_users[0]
-            region.append(s)
+        silu = _silu_of(cur)
+        if cfg.fuse_silu and silu is not None and silu[2] == 0:
+            s, silu_region, _ = silu
+            region += silu_region
             attrs["silu"] = True
             post = forward_chain(s)
             region += post
             cur = post[-1] if post else s
-        elif silu_users:
-            reasons.append(f"output has {len(cur.users)} users: SiLU left unfused, GroupNorm fused alone")
+        elif silu is not None:
+            reasons.append(f"output has {silu[2] + 1} users: SiLU left unfused, GroupNorm fused alone")
         out_meta = tensor_meta(cur)
         # Absorb the upcast only when the region ends in x's own dtype again.
         kin = x
@@ -155,38 +170,28 @@ def find(gm: fx.GraphModule, cfg: RewriteConfig) -> list[Site]:
         )
         # ---- constraint checks (tensor metadata only)
         eps, G = c.arg("eps"), c.arg("num_groups")
-        why = None
-        if kin_m is None:
-            why = "no shape metadata for the input"
-        elif not isinstance(G, int):
-            why = "num_groups is not a constant"
-        elif not isinstance(eps, fx.Node) and _const(eps) is None:
-            why = f"eps {eps!r} is not a number"
-        elif not cfg.allows_dtype(kin_m.dtype):
-            why = f"dtype {kin_m.dtype} not enabled in config"
-        elif out_meta is None or out_meta.dtype != kin_m.dtype:
-            why = "region output dtype differs from the kernel's input dtype"
-        elif cfg.excluded(site.module_path):
-            why = "module excluded by config"
-        elif "groupnorm" not in cfg.patterns:
-            why = "pattern family disabled in config"
-        else:
-            for p in ("weight", "bias"):
-                v = c.arg(p)
-                if v is not None and not isinstance(v, fx.Node):
-                    why = f"{p} is not a tensor"
-            if why is None:
-                ok, r = kgn.group_norm_silu_kernel_supported(tuple(kin_m.shape), kin_m.dtype, G)
-                if not ok:
-                    why = r
+        why = "no shape metadata for the input" if kin_m is None else \
+            cfg.rejects("groupnorm", kin_m.dtype, site.module_path)
+        if why is None:
+            if not isinstance(G, int):
+                why = "num_groups is not a constant"
+            elif not isinstance(eps, fx.Node) and _const(eps) is None:
+                why = f"eps {eps!r} is not a number"
+            elif out_meta is None or out_meta.dtype != kin_m.dtype:
+                why = "region output dtype differs from the kernel's input dtype"
+            else:
+                why = next((f"{p} is not a tensor" for p in ("weight", "bias")
+                            if c.arg(p) is not None and not isinstance(c.arg(p), fx.Node)), None)
+        if why is None:
+            ok, r = kgn.group_norm_silu_kernel_supported(tuple(kin_m.shape), kin_m.dtype, G)
+            why = None if ok else r
         if why is not None:
             site.matched = False
             site.reason = why
         else:
             site.reason = "; ".join(reasons)
         # eps may be a graph input under dynamic=True (dynamo lifts float attributes): pass it through.
-        site.attrs["_plan"] = {"input": kin, "gn": gn, "out": cur, "scale": scale, "shift": shift,
-                               "eps": eps if isinstance(eps, fx.Node) else _const(eps)}
+        site.plan = GroupNormPlan(kin, gn, cur, scale, shift, plus_one, eps if isinstance(eps, fx.Node) else _const(eps))
         sites.append(site)
     return sites
 
@@ -195,20 +200,23 @@ def rewrite(gm: fx.GraphModule, site: Site) -> None:
     """Apply one matched site: insert the fused op, reroute users, leave dead nodes to DCE."""
     from ...kernels import groupnorm  # noqa: F401  (registers fusediff::group_norm_silu)
 
-    p = site.attrs["_plan"]
-    gn, out = p["gn"], p["out"]
+    p = site.plan
+    assert isinstance(p, GroupNormPlan), site
+    gn, out = p.gn, p.out
     c = canon(gn)
     g = gm.graph
     with g.inserting_before(out):
         scale = shift = None
-        if p["scale"] is not None:
-            scale = make_call(g, torch.flatten, (p["scale"], 1), like=gn)
-            shift = make_call(g, torch.flatten, (p["shift"], 1), like=gn)
+        if p.scale is not None:
+            scale = make_call(g, torch.flatten, (p.scale, 1), like=gn)
+            shift = make_call(g, torch.flatten, (p.shift, 1), like=gn)
+            if not p.plus_one:  # x * s + shift == x * (1 + (s - 1)) + shift: the kernel's FiLM form
+                scale = make_call(g, torch.sub, (scale, 1.0), like=gn)
         # group_norm(x)[*(1+scale)+shift][->silu] -> fusediff.group_norm_silu(x, w, b, scale, shift, G, eps, silu)
         new = make_call(
             g, torch.ops.fusediff.group_norm_silu.default,
-            (p["input"], c.arg("weight"), c.arg("bias"), scale, shift, int(c.arg("num_groups")),
-             p["eps"] if isinstance(p["eps"], fx.Node) else float(p["eps"]), bool(site.attrs["silu"])),
+            (p.input, c.arg("weight"), c.arg("bias"), scale, shift, int(c.arg("num_groups")),
+             p.eps if isinstance(p.eps, fx.Node) else float(p.eps), bool(site.attrs["silu"])),
             like=gn, val_=out.meta.get("val"),
         )
     out.replace_all_uses_with(new)

@@ -2,7 +2,7 @@
 
 Pipeline::
 
-    torch.export (dynamic batch)  ->  fxpasses.match.run_passes (rewrite into fusediff:: ops)
+    torch.export (dynamic batch)  ->  fxpasses.pipeline.Pipeline (rewrite into fusediff:: ops)
         ->  torch.onnx.export(dynamo=True, custom_translation_table=translation_table(opset))
         ->  onnx.checker  ->  model.onnx            (run it with run_onnx / onnxruntime)
 

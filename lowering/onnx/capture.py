@@ -1,5 +1,5 @@
 """Capture and rewrite: ``torch.export`` of the model with dynamic batch / spatial dims, then the
-fusediff rewrite passes (``fxpasses.match.run_passes``). :func:`prepare` returns a
+fusediff rewrite passes (the one pipeline, ``fxpasses.pipeline.Pipeline``, without selection). :func:`prepare` returns a
 :class:`Prepared` graph (for a MoDiff-quantized model, the integer step and the float first step
 as two captures with the caches as inputs/outputs) that :func:`export.export_graph` turns into ONNX
 at any opset.
@@ -135,7 +135,9 @@ def prepare(model_or_optimized: torch.nn.Module, example_args: tuple, *, example
 
 def _capture(fn: torch.nn.Module, args: tuple, kwargs: dict, caches: tuple, dynamic_batch: bool,
              dynamic_spatial: bool, rewrite: bool, cfg) -> Prepared:
-    from ...fxpasses.match import run_passes
+    from ...fxpasses.patterns.gn_quant import fuse_group_norm_quantize
+    from ...fxpasses.config import RewriteConfig
+    from ...fxpasses.pipeline import Pipeline
 
     dyn = None
     try:
@@ -147,7 +149,8 @@ def _capture(fn: torch.nn.Module, args: tuple, kwargs: dict, caches: tuple, dyna
         name = type(getattr(fn, "model", fn)).__name__
         raise OnnxExportError(f"export_onnx: torch.export failed on {name}{hint}: {e}") from e
     gm = ep.module()
-    res = run_passes(gm, cfg) if rewrite else None
+    # ONNX runs the one pipeline without selection (no timing) and without verify.
+    res = Pipeline(cfg or RewriteConfig(), post_passes=(fuse_group_norm_quantize,)).run(gm) if rewrite else None
     if res is not None:
         log.info("export_onnx: rewritten %s", res.rewritten)
     return Prepared(gm=gm, args=args, kwargs=kwargs, result=res, dynamic_batch=dynamic_batch,

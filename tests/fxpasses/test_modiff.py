@@ -22,7 +22,7 @@ from fusediff import zoo
 from fusediff.fxpasses import modiff as md
 from fusediff.fxpasses.capture import capture_dynamo, capture_export
 from fusediff.fxpasses.config import RewriteConfig
-from fusediff.fxpasses.match import run_passes
+from fusediff.fxpasses.pipeline import run_passes
 from fusediff.kernels import _common
 from tests.tolerances import (MODEL_TOL, QUANT_TRAJECTORY_ERR_FLOOR, QUANT_TRAJECTORY_ERR_RATIO, SQNR_DB, TOL,
                                assert_close, sqnr_db)

@@ -9,7 +9,7 @@ import torch
 
 from fusediff import zoo
 from fusediff.fxpasses.capture import capture_dynamo, capture_export
-from fusediff.fxpasses.match import run_passes
+from fusediff.fxpasses.pipeline import run_passes
 from tests.tolerances import MODEL_TOL
 
 NAMES = zoo.names()

@@ -71,11 +71,22 @@ def test_backend_inductor_compiles_the_rest():
 def test_backend_batch_change_recompiles():
     torch._dynamo.reset()
     m = ResnetHalf().eval()
-    cm = torch.compile(m, backend=fusediff.backend(inner="eager"))
+    inner = fusediff.backend(inner="eager")
+    compiled: list[int] = []  # the batch size of every graph the backend compiled
+
+    def counting(gm, example_inputs):
+        (x,) = [x for x in example_inputs if isinstance(x, torch.Tensor) and tuple(x.shape[1:]) == (24, 4, 4)]
+        compiled.append(int(x.shape[0]))
+        return inner(gm, example_inputs)
+
+    cm = torch.compile(m, backend=counting)
     with torch.no_grad():
-        for b in (1, 3):
+        for b in (1, 3, 3):
             x = torch.randn(b, 24, 4, 4)
             _close(cm(x), m(x))
+            assert lb.LAST_RESULTS[-1].rewritten == {"groupnorm_silu": 1}
+    # one compile for batch 1, one recompile for batch 3 (static or symbolic batch), none for the repeat
+    assert compiled == [1, 3], compiled
 
 
 def test_backend_grad_enabled_raises_clear_error():
