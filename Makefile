@@ -97,7 +97,7 @@ gpu-session-dry: gpu-image-env
 # What the GPU machine lacks, as wheels in .whl/ (git-ignored; carried by the device call): fusediff
 # itself (its entry points) and diffusers at the locked version.
 wheels: $(STAMP)
-	rm -rf .whl && mkdir -p .whl
+	rm -rf .whl build *.egg-info && mkdir -p .whl
 	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w .whl .
 	$(BIN)/pip download -q --no-deps -d .whl "$$(grep -i '^diffusers==' $(LOCK))"
 

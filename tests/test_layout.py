@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -157,9 +158,14 @@ def test_outside_checkout_compile_and_cli(tmp_path):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
+    # Build from a clean copy: setuptools' build/ folder in the checkout would carry stale files
+    # (a module deleted since the last build) into the wheel.
+    src = tmp_path_factory.mktemp("src") / "fusediff"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "*.egg-info", "out", ".whl",
+                                                             "__pycache__", ".pytest_cache"))
     d = tmp_path_factory.mktemp("wheel")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(d),
-                    str(ROOT)], check=True, capture_output=True, text=True, timeout=600)
+                    str(src)], check=True, capture_output=True, text=True, timeout=600)
     (whl,) = d.glob("fusediff-*.whl")
     return whl
 

@@ -27,14 +27,14 @@ The GroupNorm -> quantizer fusion (paper Fig. 1 left) of both paths is the patte
 from __future__ import annotations
 
 from ..patterns.gn_quant import fuse_group_norm_quantize, group_norm_args, is_group_norm_silu  # noqa: F401
-from .calibrate import Calibration, calibrate
+from .calibration import Calibration, calibrate
 from .config import DEFAULT_EXCLUDE, LayerDecision, QuantConfig, QuantReport
-from .explicit_state import ExplicitIO, ExplicitStateModel, StateSlot, explicit_state, state_slots
+from .explicit import ExplicitIO, ExplicitStateModel, StateSlot, explicit_state, state_slots
 from .layers import GainScaled, QuantConv2d, QuantLinear, _QuantLayer  # noqa: F401  (_QuantLayer: isinstance checks)
 from .lifecycle import (allocate, cache_bytes, prepare, preserve_state, quant_layers, register_graph_layers, reset,
                         trajectory)
-from .plan import plan
-from .quantize import dequantized_copy, quant_report, quantize
+from .policy import plan
+from .surgery import dequantized_copy, quant_report, quantize
 from .traffic import LayerShape, dram_transfer, layer_shapes
 
 __all__ = [

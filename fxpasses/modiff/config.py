@@ -5,7 +5,7 @@
 difference against the â/ô caches, "Real-Time On-Device Diffusion: Practical Acceleration via
 Fused Low-Bit Kernels", eq. 6-7), the weight/activation bit widths (W8/W4, A8/A4), the scale
 granularity, the cache dtype and the layer policy knobs
-(:mod:`fxpasses.modiff.plan`). :class:`QuantReport` records what the policy decided for every
+(:mod:`fxpasses.modiff.policy`). :class:`QuantReport` records what the policy decided for every
 conv/linear layer, with its reason.
 """
 from __future__ import annotations

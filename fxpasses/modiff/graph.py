@@ -51,7 +51,7 @@ from ..patterns.gn_quant import fuse_into_layer
 from .config import LayerDecision, QuantConfig, QuantReport
 from .layers import QuantConv2d, QuantLinear
 from .lifecycle import register_graph_layers
-from .plan import plan
+from .policy import plan
 
 log = logging.getLogger("fusediff.fxpasses")
 

@@ -48,7 +48,7 @@ from ...kernels.linear_int8 import dequantize_linear_weight, prepare_linear_weig
 from .config import QuantConfig
 
 if TYPE_CHECKING:
-    from .explicit_state import ExplicitIO
+    from .explicit import ExplicitIO
 
 log = logging.getLogger("fusediff.fxpasses")
 

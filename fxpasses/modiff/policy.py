@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .calibrate import Calibration
+from .calibration import Calibration
 from .config import LayerDecision, QuantConfig, QuantReport
 from .layers import _kind, _standard_layer
 

@@ -2,7 +2,7 @@
 
 ``quantize(model, QuantConfig(...))`` replaces the model's ``nn.Conv2d`` / ``nn.Linear`` (and
 1x1 ``nn.Conv1d``; diffusers' ``LoRACompatible*`` subclasses too) chosen by
-:func:`fxpasses.modiff.plan.plan` by :class:`~fxpasses.modiff.layers.QuantConv2d` /
+:func:`fxpasses.modiff.policy.plan` by :class:`~fxpasses.modiff.layers.QuantConv2d` /
 :class:`~fxpasses.modiff.layers.QuantLinear` ("Real-Time On-Device Diffusion: Practical
 Acceleration via Fused Low-Bit Kernels", eq. 4-7), then sizes the caches
 (:func:`fxpasses.modiff.lifecycle.allocate`) when given an example call. :func:`quant_report`
@@ -18,11 +18,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .calibrate import Calibration, _smooth_factors
+from .calibration import Calibration, _smooth_factors
 from .config import QuantConfig, QuantReport
 from .layers import GainScaled, QuantConv2d, QuantLinear, _QuantLayer, _standard_layer
 from .lifecycle import allocate
-from .plan import plan
+from .policy import plan
 
 log = logging.getLogger("fusediff.fxpasses")
 
